@@ -1,0 +1,206 @@
+"""The single op registry of tokops.
+
+Every public op is one ``torch.library`` op in the ``tokops`` namespace whose
+last argument is the *concrete* backend name (``"torch"``, ``"triton"`` or
+``"cuda"``).  The Python entry points (``tokops.kv.quantize`` ...) validate the
+arguments, resolve ``backend="auto"`` with :func:`resolve_backend` and call the
+op; the op's CPU/CUDA kernel then runs the implementation registered for that
+backend with :func:`implements`.  Each op has a fake (meta) kernel so that
+``torch.compile(fullgraph=True)`` traces through it.
+
+The CUDA implementations are C++ ops (``tokops::<name>_cuda``) registered by
+the compiled extension ``tokops._C``; Triton implementations live in
+``tokops.triton_kernels`` and are imported lazily, on first use, so that
+``import tokops`` never imports Triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+NAMESPACE = "tokops"
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+# op name -> backend -> implementation (a callable, or "module:function" to import lazily)
+_IMPLS: dict[str, dict[str, Callable | str]] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for explicitly but is not built / installed / implemented."""
+
+
+# --------------------------------------------------------------------------- build info
+_EXT = None
+_EXT_ERROR: str | None = None
+
+
+def extension():
+    """The compiled extension ``tokops._C`` or ``None`` (with the reason in :func:`extension_error`)."""
+    global _EXT, _EXT_ERROR
+    if _EXT is None and _EXT_ERROR is None:
+        try:
+            _EXT = importlib.import_module("tokops._C")
+        except ImportError as e:  # not built (pure-Python checkout) or ABI mismatch
+            _EXT_ERROR = f"{type(e).__name__}: {e}"
+    return _EXT
+
+
+def extension_error() -> str | None:
+    extension()
+    return _EXT_ERROR
+
+
+def cuda_compiled() -> bool:
+    """True when the extension was built with the CUDA kernels (no GPU needed to ask)."""
+    ext = extension()
+    return bool(ext is not None and ext.cuda_compiled())
+
+
+_TRITON_OK: bool | None = None
+
+
+def triton_available() -> bool:
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_OK = True
+        except ImportError:
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------- outputs
+POISON_ENV = "TOKOPS_POISON"
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocate a kernel output. With ``TOKOPS_POISON=1`` (the tests set it) the buffer is
+    filled with NaN (floats) or 0x55555555 (ints) so that an element a kernel forgot to
+    write shows up as a mismatch instead of passing by luck."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get(POISON_ENV, "0") not in ("", "0"):
+        if dtype.is_floating_point:
+            out.fill_(float("nan"))
+        else:
+            out.view(torch.uint8).fill_(0x55)
+    return out
+
+
+# --------------------------------------------------------------------------- definition
+def define(name: str, schema: str, fake: Callable) -> Callable:
+    """Define ``tokops::<name><schema>``; the schema's last argument must be ``str backend``.
+
+    Returns the op (``torch.ops.tokops.<name>``).
+    """
+    if not schema.rstrip().split("->")[0].rstrip().rstrip(")").endswith("str backend"):
+        raise AssertionError(f"schema of {name} must end with 'str backend'")
+    _LIB.define(name + schema)
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=_LIB)
+    _IMPLS.setdefault(name, {})
+
+    def kernel(*args):
+        *rest, backend = args
+        return _load(name, backend)(*rest)
+
+    kernel.__name__ = f"{name}_kernel"
+    _LIB.impl(name, kernel, "CPU")
+    _LIB.impl(name, kernel, "CUDA")
+    return getattr(torch.ops.tokops, name)
+
+
+def implements(name: str, backend: str, fn: Callable | str | None = None):
+    """Register the ``backend`` implementation of op ``name``.
+
+    ``fn`` may be a callable or a ``"module:function"`` string imported on first use.
+    Usable as a decorator when ``fn`` is omitted.
+    """
+    if backend not in BACKENDS[1:]:
+        raise AssertionError(f"unknown backend {backend!r}")
+
+    def register(f):
+        _IMPLS.setdefault(name, {})[backend] = f
+        return f
+
+    return register if fn is None else register(fn)
+
+
+def cuda_op(name: str) -> Callable:
+    """The CUDA implementation of ``name``: the C++ op ``tokops::<name>_cuda`` from ``tokops._C``."""
+
+    def run(*args):
+        extension()  # loading the extension registers its ops
+        return getattr(torch.ops.tokops, f"{name}_cuda")(*args)
+
+    run.__name__ = f"{name}_cuda"
+    return run
+
+
+def _load(name: str, backend: str) -> Callable:
+    fn = _IMPLS[name].get(backend)
+    if fn is None:
+        raise BackendUnavailableError(f"tokops::{name} has no {backend!r} implementation")
+    if isinstance(fn, str):
+        mod, attr = fn.split(":")
+        fn = getattr(importlib.import_module(mod), attr)
+        _IMPLS[name][backend] = fn
+    return fn
+
+
+def has_impl(name: str, backend: str) -> bool:
+    return backend in _IMPLS.get(name, {})
+
+
+def implementations() -> dict[str, list[str]]:
+    """op name -> backends with an implementation (for ``tokops.info`` and the README matrix)."""
+    return {k: [b for b in BACKENDS[1:] if b in v] for k, v in sorted(_IMPLS.items())}
+
+
+# --------------------------------------------------------------------------- backend choice
+def resolve_backend(name: str, backend: str, device: torch.device) -> str:
+    """Turn ``backend`` ("auto" or a concrete name) into the backend that will run ``name``.
+
+    ``auto``: the CUDA kernel if built and the tensors are on a GPU, else Triton on
+    a GPU, else the pure-torch path.  An explicit backend that cannot run raises.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}; got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    on_gpu = device.type == "cuda"
+    if backend == "auto":
+        if on_gpu and has_impl(name, "cuda") and cuda_compiled():
+            return "cuda"
+        if on_gpu and has_impl(name, "triton") and triton_available():
+            return "triton"
+        return "torch"
+    if not has_impl(name, backend):
+        have = [b for b in BACKENDS[1:] if has_impl(name, b)]
+        raise BackendUnavailableError(
+            f"tokops.{name}: no {backend!r} implementation; available backends: {have}")
+    if backend == "cuda":
+        if not cuda_compiled():
+            why = extension_error() or "the extension was built without CUDA (nvcc or a CUDA torch was missing at build time)"
+            raise BackendUnavailableError(
+                f"tokops.{name}: backend='cuda' requested but the CUDA kernels are not built ({why}). "
+                "Rebuild with nvcc on PATH / CUDA_HOME set: pip install --no-build-isolation -e .")
+        if not on_gpu:
+            raise ValueError(f"tokops.{name}: backend='cuda' needs CUDA tensors; got tensors on {device}")
+    elif backend == "triton":
+        if not triton_available():
+            raise BackendUnavailableError(f"tokops.{name}: backend='triton' requested but triton is not installed")
+        if not on_gpu and not triton_interpreter():
+            raise ValueError(
+                f"tokops.{name}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+                f"got tensors on {device}")
+    return backend

@@ -1,0 +1,55 @@
+"""Test configuration.
+
+* Without a GPU, Triton kernels run under the interpreter on CPU tensors
+  (TRITON_INTERPRET must be set before triton is first imported).
+* TOKOPS_POISON=1 makes every kernel output start as NaN / 0x55 bytes, so an
+  element a kernel forgot to write cannot pass by luck.
+"""
+
+import os
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKOPS_POISON", "1")
+
+import pytest  # noqa: E402
+
+import tokops  # noqa: E402
+from tokops import _registry  # noqa: E402
+
+
+def runnable_backends() -> list[tuple[str, str]]:
+    """(backend, device) pairs that can run on this machine."""
+    pairs = [("torch", "cpu")]
+    if _registry.triton_available() and _registry.triton_interpreter():
+        pairs.append(("triton", "cpu"))
+    if HAS_GPU:
+        pairs.append(("torch", "cuda"))
+        if _registry.triton_available():
+            pairs.append(("triton", "cuda"))
+        if tokops.cuda_compiled():
+            pairs.append(("cuda", "cuda"))
+    return pairs
+
+
+def pytest_generate_tests(metafunc):
+    if "backend_device" in metafunc.fixturenames:
+        pairs = runnable_backends()
+        metafunc.parametrize("backend_device", pairs, ids=[f"{b}-{d}" for b, d in pairs])
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_GPU:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    info = tokops.info()
+    return (f"tokops {info['tokops']}, torch {info['torch']}, triton {info['triton']}, "
+            f"cuda kernels compiled: {info['cuda_compiled']} {info['cuda_archs']}, gpu: {info['gpu']}, "
+            f"triton interpreter: {_registry.triton_interpreter()}")

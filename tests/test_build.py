@@ -1,0 +1,67 @@
+"""The extension, the op registry and backend selection."""
+
+import pytest
+import torch
+
+import tokops
+from tokops import _registry
+
+
+def test_extension_builds_and_loads():
+    info = tokops.info()
+    assert info["extension"], info["extension_error"]
+    assert info["tokops"] == tokops.__version__
+
+
+def test_cuda_kernels_compiled_when_required():
+    # .ci/run sets TOKOPS_REQUIRE_CUDA_BUILD=1: there the CUDA kernels must have been compiled.
+    import os
+
+    if os.environ.get("TOKOPS_REQUIRE_CUDA_BUILD") == "1":
+        info = tokops.info()
+        assert info["cuda_compiled"], info
+        assert info["cuda_archs"], info
+        assert hasattr(torch.ops.tokops, "kv_quantize_cuda")
+
+
+def test_every_op_has_fake_and_three_backends():
+    impls = _registry.implementations()
+    assert impls, "no op registered"
+    for name, backends in impls.items():
+        assert set(backends) == {"torch", "triton", "cuda"}, (name, backends)
+        assert torch._library.utils.has_fake_kernel(getattr(torch.ops.tokops, name).default), name
+
+
+def test_backend_argument_errors():
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tokops.kv.quantize(x, backend="fast")
+    with pytest.raises(TypeError, match="backend must be a str"):
+        tokops.kv.quantize(x, backend=None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for CPU tensors")
+def test_cuda_backend_on_cpu_tensor_is_a_clear_error():
+    x = torch.randn(4, 32)
+    expected = ValueError if tokops.cuda_compiled() else tokops.BackendUnavailableError
+    with pytest.raises(expected, match="backend='cuda'"):
+        tokops.kv.quantize(x, backend="cuda")
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        tokops.kv.quantize(torch.randn(4, 32), backend="triton")
+
+
+def test_auto_on_cpu_is_torch():
+    assert _registry.resolve_backend("kv_quantize", "auto", torch.device("cpu")) == "torch"
+
+
+def test_missing_implementation_is_a_clear_error():
+    _registry._IMPLS["__probe"] = {"torch": lambda: None}
+    try:
+        with pytest.raises(tokops.BackendUnavailableError, match="no 'triton' implementation"):
+            _registry.resolve_backend("__probe", "triton", torch.device("cpu"))
+    finally:
+        del _registry._IMPLS["__probe"]
