@@ -24,11 +24,12 @@ def test_cuda_kernels_compiled_when_required():
         assert hasattr(torch.ops.tokops, "kv_quantize_cuda")
 
 
-def test_every_op_has_fake_and_three_backends():
+def test_every_op_has_fake_reference_and_triton():
+    # Every op: a pure-torch reference and a Triton kernel; a CUDA kernel where CUDA can win.
     impls = _registry.implementations()
     assert impls, "no op registered"
     for name, backends in impls.items():
-        assert set(backends) == {"torch", "triton", "cuda"}, (name, backends)
+        assert {"torch", "triton"} <= set(backends), (name, backends)
         assert torch._library.utils.has_fake_kernel(getattr(torch.ops.tokops, name).default), name
 
 

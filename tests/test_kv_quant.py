@@ -210,13 +210,14 @@ def test_opcheck(backend_device):
     codes, scale, zero = torch.ops.tokops.kv_quantize(x, 4, 32, -2, backend)
     torch.library.opcheck(torch.ops.tokops.kv_dequantize.default,
                           (codes, scale, zero, 4, 32, -2, 40, torch.float16, backend))
-    # torch's schema checker compares outputs with arithmetic that float8 tensors do not
+    # torch's schema checker compares tensors with arithmetic that float8 tensors do not
     # support ("mul_cpu_reduced_float" not implemented for Float8_e4m3fn), so test_schema is
-    # skipped for the one op with an fp8 output; its other opcheck tests run.
-    torch.library.opcheck(torch.ops.tokops.kv_quantize_fp8.default, (x, backend),
-                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    # skipped for the two ops with an fp8 input or output; their other opcheck tests run.
+    no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.tokops.kv_quantize_fp8.default, (x, backend), test_utils=no_schema)
     c8, s8 = torch.ops.tokops.kv_quantize_fp8(x, backend)
-    torch.library.opcheck(torch.ops.tokops.kv_dequantize_fp8.default, (c8, s8, torch.float32, backend))
+    torch.library.opcheck(torch.ops.tokops.kv_dequantize_fp8.default, (c8, s8, torch.float32, backend),
+                          test_utils=no_schema)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])

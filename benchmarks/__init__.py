@@ -1,0 +1,1 @@
+"""tokops microbenchmark harness: ``python -m benchmarks.run``."""
