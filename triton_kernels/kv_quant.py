@@ -56,6 +56,9 @@ def _quantize_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, L, C, W, n_units, n_
     m3 = tl.reshape(mask, (NG, G, BC))
     mn = tl.min(tl.where(m3, x3, float("inf")), axis=1)
     mx = tl.max(tl.where(m3, x3, float("-inf")), axis=1)
+    empty = mn > mx  # a group entirely past the end (only when U > G): keep its lanes finite
+    mn = tl.where(empty, 0.0, mn)
+    mx = tl.where(empty, 0.0, mx)
     zero_h = mn.to(tl.float16)
     scale_h = tl.math.div_rn(mx - mn, tl.full(mx.shape, QMAX, tl.float32)).to(tl.float16)
     g = u * NG + tl.arange(0, NG)

@@ -1,0 +1,201 @@
+"""tokops microbenchmark harness.
+
+    python -m benchmarks.run                 # every family, default sizes for this machine
+    python -m benchmarks.run --family kv     # one family
+    python -m benchmarks.run --quick         # small sizes (CI smoke run)
+    python -m benchmarks.run --all           # every family, full sizes: the report for benchmarks/results/
+
+Every implementation of a case is timed side by side in one run (CUDA events via
+``triton.testing.do_bench`` on a GPU, ``time.perf_counter`` on CPU). Reported: time,
+GB/s or TFLOP/s, the speedup over the baseline (the case's first implementation), and
+the fraction of the hardware limit (DESIGN.md: 3.0 TB/s HBM, 800 TFLOP/s bf16 on H100)
+and of the device-to-device copy bandwidth measured in the same run. Writes
+``report.md``, ``results.json`` and ``speedup.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import pkgutil
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from . import harness
+
+HERE = Path(__file__).resolve().parent
+
+
+def families() -> list[str]:
+    return sorted(m.name.removeprefix("bench_") for m in pkgutil.iter_modules([str(HERE)])
+                  if m.name.startswith("bench_"))
+
+
+def environment(device: str) -> dict:
+    import tokops
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True, check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    info = tokops.info()
+    return {
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "device_kind": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": info["triton"],
+        "tokops": info["tokops"],
+        "tokops_cuda_kernels": info["cuda_compiled"],
+        "cuda_archs": info["cuda_archs"],
+        "python": platform.python_version(),
+        "git_commit": commit,
+    }
+
+
+def copy_bandwidth(device: str) -> float | None:
+    """Measured device-to-device copy bandwidth (bytes read + written per second)."""
+    if device != "cuda":
+        return None
+    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    t = harness.time_fn(lambda: y.copy_(x), device)
+    return 2 * x.numel() * 4 / t
+
+
+def run_case(case: harness.Case, device: str, copy_bw: float | None) -> list[dict]:
+    rows, base_t = [], None
+    for impl, fn in case.fns.items():
+        row = {"family": case.family, "case": case.name, "impl": impl, "params": case.params, "notes": case.notes}
+        try:
+            t = harness.time_fn(fn, device)
+        except Exception as e:  # e.g. the reference running out of memory at N = 65536
+            row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            rows.append(row)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        if base_t is None:
+            base_t = t
+        row.update(time_ms=t * 1e3, speedup=base_t / t)
+        if case.bytes:
+            row["GB/s"] = case.bytes / t / 1e9
+            if device == "cuda":
+                row["pct_hbm_limit"] = 100 * case.bytes / t / harness.HBM_BYTES_PER_S
+                if copy_bw:
+                    row["pct_measured_copy"] = 100 * case.bytes / t / copy_bw
+        if case.flops:
+            row["TFLOP/s"] = case.flops / t / 1e12
+            if device == "cuda":
+                row["pct_peak_flops"] = 100 * case.flops / t / harness.BF16_FLOPS_PER_S
+        row.update(case.extra)
+        rows.append(row)
+    return rows
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def markdown(env: dict, rows: list[dict], copy_bw: float | None) -> str:
+    lines = ["# tokops microbenchmarks", ""]
+    lines += [f"- **{k}**: {v}" for k, v in env.items()]
+    if copy_bw:
+        lines.append(f"- **measured device-to-device copy**: {copy_bw / 1e9:.0f} GB/s (read + write)")
+    if env["device_kind"] != "cuda":
+        lines += ["", "> **CPU timings.** No GPU here: the torch reference and the Triton interpreter ran on "
+                  "the CPU at small sizes. These numbers say nothing about GPU performance."]
+    lines += ["", "Speedup is the baseline's time (first row of each case) over this row's time.", "",
+              "| family | case | params | impl | time (ms) | GB/s | TFLOP/s | speedup | % HBM limit | % peak | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        lines.append("| " + " | ".join([
+            r["family"], r["case"], params, r["impl"], _fmt(r.get("time_ms")), _fmt(r.get("GB/s")),
+            _fmt(r.get("TFLOP/s")), _fmt(r.get("speedup")), _fmt(r.get("pct_hbm_limit")),
+            _fmt(r.get("pct_peak_flops")), r.get("error", r.get("notes", ""))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, env: dict) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in rows if "speedup" in r]
+    if not ok:
+        return False
+    labels = [f"{r['case']} [{r['impl']}]" for r in ok]
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.28 * len(ok))))
+    ax.barh(range(len(ok)), [r["speedup"] for r in ok], color=["#888" if r["speedup"] == 1 else "#2a7" for r in ok])
+    ax.set_yticks(range(len(ok)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("speedup over baseline (log scale)")
+    ax.set_title(f"tokops — {env['device']} — torch {env['torch']} — {env['date_utc']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", action="append", choices=families(), help="repeatable; default: all")
+    p.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    p.add_argument("--all", action="store_true", help="every family at full size")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/local/...)")
+    args = p.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cpu":
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels only run interpreted on CPU
+    quick = args.quick or (device == "cpu" and not args.all)
+    env = environment(device)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
+    out = args.out or HERE / "results" / "local" / f"{device}-{stamp}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    print(f"tokops benchmarks on {env['device']} (torch {env['torch']}, triton {env['triton']}, {env['date_utc']})")
+    if device == "cpu":
+        print("NOTE: CPU timings (no GPU): reference and Triton-interpreter at small sizes, not GPU figures.")
+    copy_bw = copy_bandwidth(device)
+    rows = []
+    for fam in args.family or families():
+        mod = importlib.import_module(f"benchmarks.bench_{fam}")
+        for case in mod.cases(device, quick):
+            for r in run_case(case, device, copy_bw):
+                rows.append(r)
+                shown = r.get("error") or (f"{r['time_ms']:.4g} ms  x{r['speedup']:.2f}"
+                                           + (f"  {r['GB/s']:.1f} GB/s" if "GB/s" in r else "")
+                                           + (f"  {r['TFLOP/s']:.1f} TFLOP/s" if "TFLOP/s" in r else "")
+                                           + (f"  {r['pct_hbm_limit']:.0f}% HBM" if "pct_hbm_limit" in r else ""))
+                print(f"  {r['family']:<10} {r['case']:<44} {r['impl']:<16} {shown}", flush=True)
+    (out / "results.json").write_text(json.dumps({"env": env, "copy_bandwidth": copy_bw, "rows": rows}, indent=1))
+    (out / "report.md").write_text(markdown(env, rows, copy_bw))
+    plotted = plot(rows, out / "speedup.png", env)
+    print(f"wrote {out / 'report.md'}, {out / 'results.json'}" + (f", {out / 'speedup.png'}" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
