@@ -148,7 +148,8 @@ def plot(rows: list[dict], path: Path, env: dict) -> bool:
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("speedup over baseline (log scale)")
-    ax.set_title(f"tokops — {env['device']} — torch {env['torch']} — {env['date_utc']}", fontsize=9)
+    cpu_note = "\nCPU timings: torch reference vs the Triton INTERPRETER, not GPU figures" if env["device_kind"] != "cuda" else ""
+    ax.set_title(f"tokops — {env['device']} — torch {env['torch']} — {env['date_utc']}{cpu_note}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

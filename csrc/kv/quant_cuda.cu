@@ -13,6 +13,9 @@
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include <cstdint>
+#include <type_traits>
+
 #include "../common.h"
 
 namespace tokops {
@@ -35,33 +38,113 @@ View3 view3(at::IntArrayRef sizes, int64_t axis) {
   return View3{lead, n, d, n * d, d, 1};
 }
 
-__device__ __forceinline__ void unit_coords(int64_t idx, int64_t n_units, int64_t C, int64_t& r, int64_t& u,
-                                            int64_t& c) {
-  c = idx % C;
-  const int64_t rest = idx / C;
-  u = rest % n_units;
-  r = rest / n_units;
+// Thread index -> (r, unit, c). With `unit_fastest` (grouped axis contiguous, axis=-1) neighbouring
+// threads take neighbouring units of one row, so a warp reads one contiguous stretch of memory;
+// otherwise (axis=-2) neighbouring threads take neighbouring columns (coalesced strided loads).
+__device__ __forceinline__ void unit_coords(int64_t idx, int64_t n_units, int64_t C, bool unit_fastest,
+                                            int64_t& r, int64_t& u, int64_t& c) {
+  if (unit_fastest) {
+    u = idx % n_units;
+    const int64_t rest = idx / n_units;
+    c = rest % C;
+    r = rest / C;
+  } else {
+    c = idx % C;
+    const int64_t rest = idx / C;
+    u = rest % n_units;
+    r = rest / n_units;
+  }
 }
 
+template <int BITS>
+__device__ __forceinline__ uint32_t quantize_code(float v, float z, float s) {
+  constexpr float QMAX = float((1 << BITS) - 1);
+  // IEEE division and round-half-even, exactly as the reference (no fast math in this build).
+  return static_cast<uint32_t>(fminf(fmaxf(rintf((v - z) / s), 0.f), QMAX));
+}
+
+__device__ __forceinline__ void store_scale_zero(__half* scale, __half* zero, int64_t off, float mn, float mx,
+                                                 float qmax, float& z, float& s) {
+  const __half zh = __float2half_rn(mn);
+  const __half sh = __float2half_rn((mx - mn) / qmax);
+  zero[off] = zh;
+  scale[off] = sh;
+  z = __half2float(zh);
+  s = __half2float(sh);
+}
+
+// Fast path: compile-time group size G >= 32/BITS; one thread quantizes one group, its values held
+// in registers (read once). VEC: the group is contiguous and 16-byte aligned -> 16-byte loads.
+template <typename T, int BITS, int G, bool VEC>
+__global__ void quantize_group_kernel(const T* __restrict__ x, int32_t* __restrict__ codes,
+                                      __half* __restrict__ scale, __half* __restrict__ zero, View3 xv, View3 cv,
+                                      View3 sv, int64_t n_groups, bool group_fastest) {
+  constexpr int CPW = 32 / BITS;
+  static_assert(G % CPW == 0, "a group must hold whole words");
+  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (idx >= xv.R * n_groups * xv.C) return;
+  int64_t r, g, c;
+  unit_coords(idx, n_groups, xv.C, group_fastest, r, g, c);
+  const int64_t t0 = g * G;
+  const int64_t valid = xv.L - t0 < G ? xv.L - t0 : G;
+  const T* xp = x + r * xv.sr + c * xv.sc + t0 * xv.st;
+  float v[G];
+  if constexpr (VEC) {  // host guarantees: st == 1, valid == G, 16-byte alignment
+    constexpr int PER = 16 / sizeof(T);
+#pragma unroll
+    for (int i = 0; i < G / PER; ++i) {
+      const uint4 raw = reinterpret_cast<const uint4*>(xp)[i];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < PER; ++k) v[i * PER + k] = static_cast<float>(e[k]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < G; ++j) v[j] = j < valid ? static_cast<float>(xp[j * xv.st]) : 0.f;
+  }
+  float mn = INFINITY, mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+    if (j < valid) {
+      mn = fminf(mn, v[j]);
+      mx = fmaxf(mx, v[j]);
+    }
+  }
+  float z, s;
+  store_scale_zero(scale, zero, r * sv.sr + g * sv.st + c * sv.sc, mn, mx, float((1 << BITS) - 1), z, s);
+  int32_t* cp = codes + r * cv.sr + c * cv.sc + (t0 / CPW) * cv.st;
+#pragma unroll
+  for (int w = 0; w < G / CPW; ++w) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int k = 0; k < CPW; ++k) {
+      const int j = w * CPW + k;
+      const uint32_t q = (j < valid && s != 0.f) ? quantize_code<BITS>(v[j], z, s) : 0u;
+      word |= q << (BITS * k);
+    }
+    cp[w * cv.st] = static_cast<int32_t>(word);
+  }
+}
+
+// General path: any power-of-two G. A thread owns one unit of U = max(G, 32/BITS) grouped elements
+// (whole groups and whole words, so no word is shared) and reads its values twice.
 template <typename T, int BITS>
 __global__ void quantize_kernel(const T* __restrict__ x, int32_t* __restrict__ codes, __half* __restrict__ scale,
                                 __half* __restrict__ zero, View3 xv, View3 cv, View3 sv, int G, int U,
-                                int64_t n_units) {
+                                int64_t n_units, bool unit_fastest) {
   constexpr int CPW = 32 / BITS;
-  constexpr float QMAX = float((1 << BITS) - 1);
   const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (idx >= xv.R * n_units * xv.C) return;
   int64_t r, u, c;
-  unit_coords(idx, n_units, xv.C, r, u, c);
+  unit_coords(idx, n_units, xv.C, unit_fastest, r, u, c);
   const T* xp = x + r * xv.sr + c * xv.sc;
   int32_t* cp = codes + r * cv.sr + c * cv.sc;
   const int64_t t0 = u * U;
   uint32_t word = 0;
   for (int g0 = 0; g0 < U; g0 += G) {
     const int64_t tg = t0 + g0;
-    const bool group_exists = tg < xv.L;  // groups past the padded length never exist
     float z = 0.f, s = 0.f;
-    if (group_exists) {
+    if (tg < xv.L) {  // groups past the padded length never exist
       float mn = INFINITY, mx = -INFINITY;
       for (int j = 0; j < G; ++j) {
         const int64_t t = tg + j;
@@ -71,21 +154,12 @@ __global__ void quantize_kernel(const T* __restrict__ x, int32_t* __restrict__ c
           mx = fmaxf(mx, v);
         }
       }
-      const __half zh = __float2half_rn(mn);
-      const __half sh = __float2half_rn((mx - mn) / QMAX);
-      const int64_t so = r * sv.sr + (tg / G) * sv.st + c * sv.sc;
-      zero[so] = zh;
-      scale[so] = sh;
-      z = __half2float(zh);
-      s = __half2float(sh);
+      store_scale_zero(scale, zero, r * sv.sr + (tg / G) * sv.st + c * sv.sc, mn, mx, float((1 << BITS) - 1),
+                          z, s);
     }
     for (int j = 0; j < G; ++j) {
       const int64_t t = tg + j;
-      uint32_t q = 0;
-      if (t < xv.L && s != 0.f) {
-        const float v = (static_cast<float>(xp[t * xv.st]) - z) / s;
-        q = static_cast<uint32_t>(fminf(fmaxf(rintf(v), 0.f), QMAX));
-      }
+      const uint32_t q = (t < xv.L && s != 0.f) ? quantize_code<BITS>(static_cast<float>(xp[t * xv.st]), z, s) : 0u;
       const int k = (g0 + j) % CPW;
       word |= q << (BITS * k);
       if (k == CPW - 1) {
@@ -100,13 +174,13 @@ __global__ void quantize_kernel(const T* __restrict__ x, int32_t* __restrict__ c
 template <typename T, int BITS>
 __global__ void dequantize_kernel(const int32_t* __restrict__ codes, const __half* __restrict__ scale,
                                   const __half* __restrict__ zero, T* __restrict__ out, View3 ov, View3 cv,
-                                  View3 sv, int G) {
+                                  View3 sv, int G, bool word_fastest) {
   constexpr int CPW = 32 / BITS;
   constexpr uint32_t QMAX = (1u << BITS) - 1;
   const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (idx >= ov.R * cv.L * ov.C) return;
   int64_t r, w, c;
-  unit_coords(idx, cv.L, ov.C, r, w, c);
+  unit_coords(idx, cv.L, ov.C, word_fastest, r, w, c);
   const uint32_t word = static_cast<uint32_t>(codes[r * cv.sr + w * cv.st + c * cv.sc]);
   T* op = out + r * ov.sr + c * ov.sc;
 #pragma unroll
@@ -195,13 +269,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cuda(const at::Tensor
   const View3 xv = view3(x.sizes(), axis), cv = view3(codes.sizes(), axis), sv = view3(scale.sizes(), axis);
   const int unit = std::max<int>(group_size, 32 / bits);
   const int64_t n_units = ceil_div(n_groups * group_size, unit);
-  const int64_t total = xv.R * n_units * xv.C;
+  const bool contiguous_groups = axis == -1;
   const auto stream = at::cuda::getCurrentCUDAStream();
+  auto* sp = reinterpret_cast<__half*>(scale.data_ptr<at::Half>());
+  auto* zp = reinterpret_cast<__half*>(zero.data_ptr<at::Half>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kv_quantize_cuda", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    int32_t* cp = codes.data_ptr<int32_t>();
+    // 16-byte loads when every group is a contiguous, 16-byte aligned run of full length.
+    const bool vec = contiguous_groups && reinterpret_cast<uintptr_t>(xp) % 16 == 0 &&
+                     (xv.L * int64_t(sizeof(scalar_t))) % 16 == 0 && (group_size * int64_t(sizeof(scalar_t))) % 16 == 0;
+    const int64_t groups_total = xv.R * n_groups * xv.C;
+    const int64_t blocks = ceil_div(groups_total, kThreads);
     TOKOPS_DISPATCH_BITS(bits, [&] {
-      quantize_kernel<scalar_t, BITS><<<ceil_div(total, kThreads), kThreads, 0, stream>>>(
-          x.data_ptr<scalar_t>(), codes.data_ptr<int32_t>(), reinterpret_cast<__half*>(scale.data_ptr<at::Half>()),
-          reinterpret_cast<__half*>(zero.data_ptr<at::Half>()), xv, cv, sv, int(group_size), unit, n_units);
+      auto fast = [&](auto g_const) {
+        constexpr int G = decltype(g_const)::value;
+        if (vec) {
+          quantize_group_kernel<scalar_t, BITS, G, true><<<blocks, kThreads, 0, stream>>>(
+              xp, cp, sp, zp, xv, cv, sv, n_groups, contiguous_groups);
+        } else {
+          quantize_group_kernel<scalar_t, BITS, G, false><<<blocks, kThreads, 0, stream>>>(
+              xp, cp, sp, zp, xv, cv, sv, n_groups, contiguous_groups);
+        }
+      };
+      if (group_size == 32) {
+        fast(std::integral_constant<int, 32>{});
+      } else if (group_size == 64) {
+        fast(std::integral_constant<int, 64>{});
+      } else if (group_size == 128) {
+        fast(std::integral_constant<int, 128>{});
+      } else {
+        const int64_t total = xv.R * n_units * xv.C;
+        quantize_kernel<scalar_t, BITS><<<ceil_div(total, kThreads), kThreads, 0, stream>>>(
+            xp, cp, sp, zp, xv, cv, sv, int(group_size), unit, n_units, contiguous_groups);
+      }
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -238,7 +339,7 @@ at::Tensor kv_dequantize_cuda(const at::Tensor& codes, const at::Tensor& scale, 
       dequantize_kernel<scalar_t, BITS><<<ceil_div(total, kThreads), kThreads, 0, stream>>>(
           codes.data_ptr<int32_t>(), reinterpret_cast<const __half*>(scale.data_ptr<at::Half>()),
           reinterpret_cast<const __half*>(zero.data_ptr<at::Half>()), out.data_ptr<scalar_t>(), ov, cv, sv,
-          int(group_size));
+          int(group_size), axis == -1);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
