@@ -9,8 +9,9 @@ _registry.extension()  # load tokops._C (if built) so its C++ ops are registered
 from ._registry import BackendUnavailableError, cuda_compiled, triton_available
 from ._version import __version__
 from . import kv  # noqa: E402  (registers the kv ops)
+from . import attention  # noqa: E402
 
-__all__ = ["__version__", "kv", "info", "BackendUnavailableError", "cuda_compiled", "triton_available"]
+__all__ = ["__version__", "kv", "attention", "info", "BackendUnavailableError", "cuda_compiled", "triton_available"]
 
 
 def info() -> dict:
