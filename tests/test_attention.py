@@ -413,3 +413,17 @@ def test_backends_registered():
     for name in ("block_sparse_attn_fwd", "block_sparse_attn_bwd", "attn_key_mass"):
         assert {"torch", "triton"} <= set(impls[name]), name
     assert full_block_mask(10).kv_indices.shape == (1, 1, 1, 1)
+
+
+def test_agrees_with_flex_attention_on_the_same_block_mask():
+    """FlexAttention (compiled, CPU here) with the same CSR block mask gives the same output."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    N, D = 256, 32
+    q, k, v, _ = _inputs(1, 2, 2, N, N, D, torch.float32, "cpu", seed=31)
+    dense = _random_dense(1, 2, 2, 2, seed=6, empty_row=False)
+    dense[..., 0] = True
+    mask = BlockMask.from_dense(dense, 128, 128, N, N)
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, fullgraph=True)(q, k, v, block_mask=mask.to_flex())
+    torch.testing.assert_close(block_sparse_attention(q, k, v, mask, backend="torch"), flex, atol=2e-6, rtol=1e-5)
