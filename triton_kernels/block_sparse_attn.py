@@ -44,14 +44,16 @@ def _logits(q, kT, bias_ptrs, offs_m, offs_n, Nq, Nk, causal_off, qk_scale,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Bias, Out, Lse, KVN, KVI,
+def _fwd_kernel(Q, K, V, Bias, Out, Lse, KVN, KVI, PAcc, PM, PL,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 sbb, sbh, snb, snh, snq, sib, sih, siq,
-                H, GROUP, Nq, Nk, D, causal_off, qk_scale,
+                H, GROUP, Nq, Nk, D, causal_off, qk_scale, per_split, BH,
                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                BD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+                BD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+                SPLIT: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
@@ -71,7 +73,9 @@ def _fwd_kernel(Q, K, V, Bias, Out, Lse, KVN, KVI,
     if CAUSAL:
         lim_n = pid_m * BM + BM - 1 + causal_off  # last key any row of this tile may see
     nblk = tl.load(KVN + b * snb + h * snh + qblk * snq)
-    for t in range(0, nblk):
+    t_lo = split * per_split
+    t_hi = tl.minimum(nblk, t_lo + per_split)
+    for t in range(t_lo, t_hi):
         kb = tl.load(KVI + b * sib + h * sih + qblk * siq + t)
         for sub in range(0, BLOCK_K // BN):
             start_n = kb * BLOCK_K + sub * BN
@@ -91,14 +95,54 @@ def _fwd_kernel(Q, K, V, Bias, Out, Lse, KVN, KVI,
                             mask=nmask[:, None] & dmask[None, :], other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
                 m_i = m_new
+    mmask = offs_m < Nq
+    if SPLIT:  # flash-decoding: partial (acc, m, l) per split, merged by _combine_kernel
+        row = (split * BH + bh).to(tl.int64) * Nq + offs_m
+        tl.store(PAcc + row[:, None] * BD + offs_d[None, :], acc, mask=mmask[:, None])
+        tl.store(PM + row, m_i, mask=mmask)
+        tl.store(PL + row, l_i, mask=mmask)
+    else:
+        _finish(acc, m_i, l_i, Out + b * sob + h * soh, Lse + bh.to(tl.int64) * Nq, offs_m, offs_d, son, Nq, D)
+
+
+@triton.jit
+def _finish(acc, m_i, l_i, out_ptr, lse_ptr, offs_m, offs_d, son, Nq, D):
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     mmask = offs_m < Nq
-    tl.store(Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=mmask[:, None] & dmask[None, :])
-    tl.store(Lse + bh.to(tl.int64) * Nq + offs_m, lse, mask=mmask)
+    tl.store(out_ptr + offs_m[:, None] * son + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mmask[:, None] & (offs_d < D)[None, :])
+    tl.store(lse_ptr + offs_m, lse, mask=mmask)
+
+
+@triton.jit
+def _combine_kernel(PAcc, PM, PL, Out, Lse, sob, soh, son, H, BH, Nq, D, n_splits,
+                    BM: tl.constexpr, BD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    mmask = offs_m < Nq
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BD], tl.float32)
+    for sp in range(0, n_splits):
+        row = (sp * BH + bh).to(tl.int64) * Nq + offs_m
+        m_s = tl.load(PM + row, mask=mmask, other=float("-inf"))
+        l_s = tl.load(PL + row, mask=mmask, other=0.0)
+        a_s = tl.load(PAcc + row[:, None] * BD + offs_d[None, :], mask=mmask[:, None], other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        beta = tl.exp2(m_s - m_sub)
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        l_i = l_i * alpha + l_s * beta
+        m_i = m_new
+    _finish(acc, m_i, l_i, Out + b * sob + h * soh, Lse + bh.to(tl.int64) * Nq, offs_m, offs_d, son, Nq, D)
 
 
 @triton.jit
@@ -309,7 +353,7 @@ def _qk_scale(scale: float) -> float:
     return scale * LOG2E
 
 
-def fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias):
+def fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias, num_splits=None):
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     out = new_output((B, H, Nq, D), q.dtype, q.device)
@@ -318,14 +362,43 @@ def fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key
     idx = kv_indices.expand(B, H, -1, -1)
     bias, sbb, sbh, has_bias = _bias_args(key_bias, q)
     BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "fwd")
-    grid = (triton.cdiv(Nq, BM), B * H)
-    _fwd_kernel[grid](q, k, v, bias, out, lse, num, idx,
+    n_tiles = triton.cdiv(Nq, BM) * B * H
+    nk = idx.shape[-1]
+    splits = _num_splits(n_tiles, nk, q.device) if num_splits is None else max(1, min(int(num_splits), nk))
+    per_split = triton.cdiv(nk, splits)
+    splits = triton.cdiv(nk, per_split)
+    if splits > 1:
+        pacc = torch.empty((splits, B * H, Nq, BD), dtype=torch.float32, device=q.device)
+        pm = torch.empty((splits, B * H, Nq), dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+    else:
+        pacc = pm = pl = lse
+    grid = (triton.cdiv(Nq, BM), B * H, splits)
+    _fwd_kernel[grid](q, k, v, bias, out, lse, num, idx, pacc, pm, pl,
                       *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                       sbb, sbh, *num.stride(), *idx.stride()[:3],
-                      H, H // Hkv, Nq, Nk, D, Nk - Nq, _qk_scale(scale),
+                      H, H // Hkv, Nq, Nk, D, Nk - Nq, _qk_scale(scale), per_split, B * H,
                       BLOCK_Q=block_q, BLOCK_K=block_k, BM=BM, BN=BN, BD=BD, CAUSAL=bool(causal),
-                      HAS_BIAS=has_bias, PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
+                      HAS_BIAS=has_bias, PREC=_prec(q.dtype), SPLIT=splits > 1, num_warps=warps, num_stages=stages)
+    if splits > 1:
+        CM = 16 if Nq <= 16 else 64
+        _combine_kernel[(triton.cdiv(Nq, CM), B * H)](pacc, pm, pl, out, lse, *out.stride()[:3], H, B * H, Nq, D,
+                                                     splits, BM=CM, BD=BD)
     return out, lse
+
+
+def _num_splits(n_tiles: int, nk: int, device) -> int:
+    """Split the key-block list of each query tile (flash-decoding) when the query tiles alone
+    cannot fill the GPU: aim for ~2 programs per SM, at least 4 key blocks per split."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # interpreter: a small pretend GPU so that tests exercise the split path
+        sms = 4
+    if n_tiles >= sms or nk < 2:
+        return 1
+    want = triton.cdiv(2 * sms, n_tiles)
+    cap = nk if device.type != "cuda" else max(1, nk // 4)
+    return max(1, min(want, cap, 128))
 
 
 def _delta(out, dout, dlse):
