@@ -9,9 +9,11 @@ _registry.extension()  # load tokops._C (if built) so its C++ ops are registered
 from ._registry import BackendUnavailableError, cuda_compiled, triton_available
 from ._version import __version__
 from . import kv  # noqa: E402  (registers the kv ops)
+from . import attention  # noqa: E402  (registers the attention ops)
 from . import merge  # noqa: E402  (registers the merge ops)
 
-__all__ = ["__version__", "kv", "merge", "info", "BackendUnavailableError", "cuda_compiled", "triton_available"]
+__all__ = ["__version__", "kv", "attention", "merge", "info", "BackendUnavailableError", "cuda_compiled",
+           "triton_available"]
 
 
 def info() -> dict:

@@ -1,0 +1,112 @@
+"""Block-sparse attention benchmark cases: dense torch SDPA (baseline), FlexAttention with the same
+block mask (compiled), and tokops, forward and forward+backward.
+
+``flops = 4 * B * H * Nq * Nk * D * density`` (density = the fraction of kept blocks, measured
+from the mask; for causal the dense count halved), x3.5 for forward+backward (backward = 2.5x forward).  Dense SDPA
+computes all blocks regardless: its TFLOP/s column is "useful" throughput at the sparse density.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .harness import Case
+
+BLOCK = 128
+
+
+def _random_mask(B, H, n, density, device, seed=0):
+    """Each query block keeps round(density * nK) key blocks (at least 1), always its diagonal."""
+    from tokops.attention import BlockMask
+
+    nb = math.ceil(n / BLOCK)
+    keep = max(1, round(density * nb))
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    score = torch.rand(B, H, nb, nb, generator=g)
+    score[..., torch.arange(nb), torch.arange(nb)] = 2.0
+    top = score.topk(keep, -1).indices
+    dense = torch.zeros(B, H, nb, nb, dtype=torch.bool).scatter_(-1, top, True)
+    return BlockMask.from_dense(dense.to(device), BLOCK, BLOCK, n, n)
+
+
+def _flex_fn(q, k, v, mask, causal):
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask, flex_attention
+
+    mask_mod = None
+    if causal:
+        def mask_mod(b, h, qi, ki):
+            return qi >= ki
+    fm = FlexBlockMask.from_kv_blocks(mask.kv_num_blocks, mask.kv_indices, BLOCK_SIZE=(BLOCK, BLOCK),
+                                      mask_mod=mask_mod, seq_lengths=(mask.q_len, mask.k_len))
+    compiled = torch.compile(flex_attention, fullgraph=True)
+    return lambda: compiled(q, k, v, block_mask=fm)
+
+
+def _with_backward(fn, inputs, grad):
+    def run():
+        out = fn()
+        torch.autograd.grad(out, inputs, grad)
+    return run
+
+
+def _attention_fns(q, k, v, mask, causal, device):
+    import tokops
+
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+    if device == "cpu":
+        return {"sdpa_dense": sdpa, "tokops_torch": lambda: tokops.attention.block_sparse_attention(
+            q, k, v, mask, causal=causal, backend="torch")}
+    return {"sdpa_dense": sdpa, "flex": _flex_fn(q, k, v, mask, causal),
+            "tokops": lambda: tokops.attention.block_sparse_attention(q, k, v, mask, causal=causal)}
+
+
+def _mass_fns(q, k, v, n, device):
+    import tokops
+
+    mask = tokops.attention.causal_block_mask(n, device=device)
+    return {"sdpa_dense": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+            "tokops_with_mass": lambda: tokops.attention.attention_with_key_mass(q, k, v, mask, causal=True)}
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    import tokops
+
+    out: list[Case] = []
+    if device == "cpu":
+        # tiny sizes, torch paths only (the Triton interpreter is far too slow to time)
+        configs = [(256, d, 64) for d in (1.0, 0.5)]
+        B, H, dtype = 1, 2, torch.float32
+    else:
+        Ns = (4096,) if quick else (4096, 16384, 32768)
+        dens = (1.0, 0.2) if quick else (1.0, 0.5, 0.2, 0.1, 0.05)
+        Ds = (128,) if quick else (64, 128)
+        configs = [(n, d, hd) for n in Ns for d in dens for hd in Ds]
+        B, H, dtype = 1, 16, torch.bfloat16
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for n, density, D in configs:
+        q, k, v = (torch.randn(B, H, n, D, generator=g).to(dtype).to(device) for _ in range(3))
+        for causal in ((False, True) if density == 1.0 else (False,)):
+            if causal:
+                mask = tokops.attention.causal_block_mask(n, block_q=BLOCK, device=device)
+            else:
+                mask = _random_mask(1, H, n, density, device)
+            real_density = mask.expand(B, H).density()
+            flops = 4 * B * H * n * n * D * (0.5 if causal else real_density)
+            kind = "causal" if causal else f"density {density:.0%}"
+            params = dict(B=B, H=H, N=n, D=D, block=BLOCK, density=round(real_density, 4), causal=causal,
+                          dtype=str(dtype).replace("torch.", ""))
+            out.append(Case("attention", f"block-sparse attention fwd, {kind}", dict(params, pass_="fwd"),
+                            _attention_fns(q, k, v, mask, causal, device), flops=flops))
+            qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+            grad = torch.randn_like(q)
+            fns = _attention_fns(qg, kg, vg, mask, causal, device)
+            fb = {name: _with_backward(f, (qg, kg, vg), grad) for name, f in fns.items()}
+            out.append(Case("attention", f"block-sparse attention fwd+bwd, {kind}", dict(params, pass_="fwd+bwd"),
+                            fb, flops=flops * 3.5))
+        if device != "cpu" and density == 1.0 and D == 128 and n <= 16384:
+            out.append(Case("attention", "attention + per-key mass (causal)", dict(B=B, H=H, N=n, D=D, causal=True),
+                            _mass_fns(q, k, v, n, device), flops=4 * B * H * n * n * D * 0.5 * 1.5,
+                            notes="tokops computes the output and the key mass (an extra QK^T pass)"))
+    return out

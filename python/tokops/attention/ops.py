@@ -1,0 +1,197 @@
+"""Block-sparse attention ops (forward, backward, per-key attention mass).
+
+Spec: DESIGN.md "Sparse attention".  The mask format is FlexAttention's CSR block mask
+(:class:`tokops.attention.BlockMask`); kernels visit only the listed key blocks of each query block
+(FlashAttention-2 tiling, Dao 2023, with a block-sparse walk as in FlexAttention / BigBird-style
+block sparsity).  Reference: :mod:`tokops.attention.reference` (float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _registry as reg
+from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from . import reference as ref
+from .masks import BlockMask, as_block_mask, full_block_mask, transpose_csr, validate_mask
+
+MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------- checks
+def _check_attention(q, k, v, key_bias, scale, causal) -> float:
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=4)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k and v must have the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+    B, H, Nq, D = q.shape
+    if k.shape[0] != B or k.shape[-1] != D:
+        raise ValueError(f"k must have shape (B={B}, H_kv, Nk, D={D}), got {tuple(k.shape)}")
+    if H % k.shape[1]:
+        raise ValueError(f"k: the number of query heads ({H}) must be a multiple of the KV heads ({k.shape[1]})")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim must be <= {MAX_HEAD_DIM}, got {D}")
+    Nk = k.shape[2]
+    if key_bias is not None:
+        check_tensor("key_bias", key_bias, dtypes=(torch.float32,))
+        if tuple(key_bias.shape) not in ((B, Nk), (B, H, Nk)):
+            raise ValueError(f"key_bias must have shape (B, Nk) = {(B, Nk)} or (B, H, Nk) = {(B, H, Nk)}, "
+                             f"got {tuple(key_bias.shape)}")
+        check_same_device(q=q, key_bias=key_bias)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k) -> tuple[BlockMask, float]:
+    scale = _check_attention(q, k, v, key_bias, scale, causal)
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    mask = as_block_mask(mask, Nq, Nk, block_q, block_k, q.device)
+    validate_mask(mask, B, H, Nq, Nk, q.device, read_values=not torch.compiler.is_compiling())
+    return mask, scale
+
+
+# --------------------------------------------------------------------------- op definitions
+def _fwd_fake(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias, backend):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _bwd_fake(dout, q, k, v, out, lse, dlse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
+              causal, scale, key_bias, backend):
+    B, H = q.shape[:2]
+    nb = (B, H, k.shape[2]) if key_bias is not None else (0,)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(nb, dtype=torch.float32)
+
+
+def _mass_fake(q, k, lse, q_num_blocks, q_indices, block_q, block_k, causal, scale, key_bias, backend):
+    return q.new_empty((*q.shape[:2], k.shape[2]), dtype=torch.float32)
+
+
+_fwd_op = reg.define(
+    "block_sparse_attn_fwd",
+    "(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, int block_q, int block_k, "
+    "bool causal, float scale, Tensor? key_bias, str backend) -> (Tensor, Tensor)", _fwd_fake)
+_bwd_op = reg.define(
+    "block_sparse_attn_bwd",
+    "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor kv_num_blocks, "
+    "Tensor kv_indices, Tensor q_num_blocks, Tensor q_indices, int block_q, int block_k, bool causal, float scale, "
+    "Tensor? key_bias, str backend) -> (Tensor, Tensor, Tensor, Tensor)", _bwd_fake)
+_mass_op = reg.define(
+    "attn_key_mass",
+    "(Tensor q, Tensor k, Tensor lse, Tensor q_num_blocks, Tensor q_indices, int block_q, int block_k, "
+    "bool causal, float scale, Tensor? key_bias, str backend) -> Tensor", _mass_fake)
+
+reg.implements("block_sparse_attn_fwd", "torch", ref.fwd)
+reg.implements("block_sparse_attn_bwd", "torch", ref.bwd)
+reg.implements("attn_key_mass", "torch", ref.mass_from_lse)
+reg.implements("block_sparse_attn_fwd", "triton", "tokops.triton_kernels.block_sparse_attn:fwd")
+reg.implements("block_sparse_attn_bwd", "triton", "tokops.triton_kernels.block_sparse_attn:bwd")
+reg.implements("attn_key_mass", "triton", "tokops.triton_kernels.block_sparse_attn:key_mass")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, num, idx, block_q, block_k, causal, scale, key_bias, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, num, idx, key_bias)
+    ctx.args = (block_q, block_k, causal, scale, backend)
+    ctx.bias_dim = None if key_bias is None else key_bias.dim()
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, num, idx, key_bias = ctx.saved_tensors
+    block_q, block_k, causal, scale, backend = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    qn, qi = transpose_csr(num, idx)
+    dq, dk, dv, dbias = _bwd_op(dout, q, k, v, out, lse, dlse, num, idx, qn, qi, block_q, block_k, causal, scale,
+                                key_bias, backend)
+    if ctx.bias_dim is None:
+        dbias = None
+    elif ctx.bias_dim == 2:
+        dbias = dbias.sum(1)
+    return dq, dk, dv, None, None, None, None, None, None, dbias, None
+
+
+torch.library.register_autograd("tokops::block_sparse_attn_fwd", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public API
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, causal: bool = False,
+                           scale: float | None = None, key_bias: torch.Tensor | None = None,
+                           return_lse: bool = False, block_q: int | None = None, block_k: int | None = None,
+                           backend: str = "auto"):
+    """Block-sparse softmax attention.
+
+    ``q: (B, H, Nq, D)``, ``k, v: (B, H_kv, Nk, D)`` (fp16/bf16/fp32, contiguous, ``H % H_kv == 0``
+    for GQA/MQA, ``D <= 256``).  ``mask``: a :class:`BlockMask`, a dense bool block mask
+    ``(B|1, H|1, ceil(Nq/block_q), ceil(Nk/block_k))`` (``block_q``/``block_k`` default 128), or
+    ``None`` for all blocks.  Logits ``scale * q.k + key_bias[j]`` (``scale`` default ``D**-0.5``,
+    ``key_bias`` fp32 ``(B, Nk)`` or ``(B, H, Nk)``, e.g. ToMe's ``log(size)``) are softmaxed over the
+    keys of the allowed blocks only, plus ``j <= i + Nk - Nq`` when ``causal``.  A row with no allowed
+    key gives 0 (and ``lse = -inf``), never NaN.
+
+    Returns ``out (B, H, Nq, D)`` in the input dtype, and ``lse (B, H, Nq)`` fp32 (natural log) with
+    ``return_lse``.  Differentiable in ``q``, ``k``, ``v`` and ``key_bias`` (and through ``lse``).
+    """
+    mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k)
+    be = reg.resolve_backend("block_sparse_attn_fwd", backend, q.device)
+    out, lse = _fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_q, mask.block_k, causal, scale,
+                       key_bias, be)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, causal: bool = False,
+                            scale: float | None = None, key_bias: torch.Tensor | None = None,
+                            block_q: int | None = None, block_k: int | None = None, backend: str = "auto"):
+    """Attention output plus the attention mass each key receives.
+
+    Same arguments as :func:`block_sparse_attention`.  Returns ``(out, mass)`` with
+    ``mass[b, h, j] = sum_i P[b, h, i, j]`` (fp32, ``(B, H, Nk)``, per *query* head) for the same
+    masked softmax ``P``.  ``P`` is never materialised: a second, key-block-major pass over the
+    transposed mask recomputes ``exp(s - lse)`` tile by tile from the forward LSE (the dV pass of the
+    backward with ``dO = 1``).  ``out`` is differentiable; ``mass`` is not (it is a statistic, e.g. for
+    H2O / SnapKV style KV eviction or ToMe/PiToMe-style token importance).
+    """
+    mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k)
+    be = reg.resolve_backend("block_sparse_attn_fwd", backend, q.device)
+    out, lse = _fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_q, mask.block_k, causal, scale,
+                       key_bias, be)
+    qn, qi = transpose_csr(mask.kv_num_blocks, mask.kv_indices)
+    kb = None if key_bias is None else key_bias.detach()
+    mass = _mass_op(q.detach(), k.detach(), lse.detach(), qn, qi, mask.block_q, mask.block_k, causal, scale, kb, be)
+    return out, mass
+
+
+def decode_attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                                   scale: float | None = None, key_bias: torch.Tensor | None = None,
+                                   block_k: int = 128, backend: str = "auto"):
+    """Decode step: few queries (``Nq <= 128``, e.g. 1 or a speculative window) against a long KV
+    cache; returns ``(out, mass)`` as :func:`attention_with_key_mass` with every key allowed (or the
+    bottom-right causal rule, for a window of new tokens appended at the end of the cache).
+
+    Uses one query block of ``max(16, next_pow2(Nq))`` rows; the mass pass runs one program per key
+    tile (parallel over the cache).  Note: the forward walks the cache sequentially per (b, h) (no
+    split-K yet), so it is correct but not a tuned long-context decode kernel.
+    """
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be a (B, H, Nq, D) tensor, got {getattr(q, 'shape', type(q).__name__)}")
+    nq = q.shape[2]
+    if nq > 128:
+        raise ValueError(f"q: decode_attention_with_key_mass takes at most 128 queries, got {nq}; "
+                         "use attention_with_key_mass")
+    bq = max(16, 1 << (nq - 1).bit_length())
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        raise ValueError(f"k must be a (B, H_kv, Nk, D) tensor, got {getattr(k, 'shape', type(k).__name__)}")
+    mask = full_block_mask(nq, k.shape[2], block_q=bq, block_k=block_k, device=q.device)
+    return attention_with_key_mass(q, k, v, mask, causal=causal, scale=scale, key_bias=key_bias, backend=backend)

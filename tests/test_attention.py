@@ -1,0 +1,455 @@
+"""Sparse attention: agreement with the float64 reference (ragged N, causal, GQA, key_bias, empty
+rows, block sizes 64/128, CSR and dense masks), gradients, per-key mass, mask builders, bad
+masks, opcheck and torch.compile."""
+
+import math
+
+import pytest
+import torch
+
+import tokops
+from tokops.attention import (BlockMask, attention_with_key_mass, block_sparse_attention, causal_block_mask,
+                              decode_attention_with_key_mass, full_block_mask, retrieval_heads_mask,
+                              sliding_window_mask, stack_heads, token_select_mask, topk_block_mask)
+from tokops.attention import reference as ref
+from tokops.attention.masks import causal_token_mask
+
+
+def _skip_interp_bf16(backend, device, dtype):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+
+
+def _inputs(B, H, Hkv, Nq, Nk, D, dtype, device, seed=0, bias_dim=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Nq, D, generator=g)
+    k = torch.randn(B, Hkv, Nk, D, generator=g)
+    v = torch.randn(B, Hkv, Nk, D, generator=g) + 0.5
+    bias = None
+    if bias_dim == 2:
+        bias = torch.randn(B, Nk, generator=g)
+    elif bias_dim == 3:
+        bias = torch.randn(B, H, Nk, generator=g)
+    cast = lambda t: t.to(dtype).to(device)  # noqa: E731
+    return cast(q), cast(k), cast(v), (None if bias is None else bias.to(device))
+
+
+def _random_dense(B, H, nq, nk, seed, density=0.6, empty_row=True):
+    g = torch.Generator().manual_seed(seed)
+    d = torch.rand(B, H, nq, nk, generator=g) < density
+    if empty_row and nq > 1:
+        d[0, 0, 1] = False  # a query block with no key block at all -> empty rows
+    return d
+
+
+def _check_close(got, exp64, base, floor):
+    """|got - ref| <= 2 |torch same-dtype - ref| + floor (DESIGN.md tolerance rule)."""
+    got, base = got.double().cpu(), base.double().cpu()
+    err = (got - exp64).abs().max().item()
+    base_err = (base - exp64).abs().max().item()
+    assert err <= 2 * base_err + floor, (err, base_err)
+
+
+FLOORS = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+FWD_CASES = [
+    # (B, H, Hkv, Nq, Nk, D, block_q, block_k, causal, bias_dim)
+    (2, 2, 2, 100, 100, 64, 64, 64, False, None),
+    (2, 2, 2, 100, 100, 64, 64, 64, True, 3),
+    (1, 4, 2, 150, 150, 64, 128, 128, True, None),  # GQA, mask block 128 tiled by the kernel
+    (2, 2, 1, 90, 200, 32, 64, 128, False, 2),  # MQA, Nq != Nk, head dim 32
+    (1, 2, 2, 200, 130, 128, 128, 64, True, 2),  # head dim 128, bottom-right causal with Nq > Nk
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_forward_matches_reference(backend_device, case, dtype):
+    backend, device = backend_device
+    _skip_interp_bf16(backend, device, dtype)
+    B, H, Hkv, Nq, Nk, D, bq, bk, causal, bias_dim = case
+    q, k, v, bias = _inputs(B, H, Hkv, Nq, Nk, D, dtype, device, seed=Nq + Nk, bias_dim=bias_dim)
+    dense = _random_dense(B, H, math.ceil(Nq / bq), math.ceil(Nk / bk), seed=D)
+    mask = BlockMask.from_dense(dense.to(device), bq, bk, Nq, Nk)
+    out, lse = block_sparse_attention(q, k, v, mask, causal=causal, key_bias=bias, return_lse=True, backend=backend)
+    assert out.dtype == dtype and out.shape == q.shape and lse.dtype == torch.float32 and lse.shape == (B, H, Nq)
+    cpu = [t.cpu() if t is not None else None for t in (q, k, v, bias)]
+    args = (mask.kv_num_blocks.cpu(), mask.kv_indices.cpu(), bq, bk, causal, D ** -0.5, cpu[3])
+    exp_out, exp_lse = ref.attention(*cpu[:3], *args)
+    base_out, base_lse = ref.attention(*cpu[:3], *args, dtype=dtype if dtype != torch.bfloat16 else torch.float32)
+    if dtype == torch.bfloat16:
+        base_out = base_out.to(dtype)
+    assert not out.isnan().any() and not lse.isnan().any()
+    _check_close(out, exp_out, base_out, FLOORS[dtype])
+    empty = torch.isinf(exp_lse)
+    assert empty.any(), "the case must contain empty rows"
+    assert torch.equal(torch.isinf(lse.cpu()), empty) and (lse.cpu()[empty] < 0).all()
+    assert (out.cpu()[empty] == 0).all()
+    fin = ~empty
+    assert (lse.cpu()[fin].double() - exp_lse[fin]).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_dense_mask_csr_mask_and_broadcast_agree(backend_device):
+    backend, device = backend_device
+    B, H, N, D = 2, 2, 100, 32
+    q, k, v, _ = _inputs(B, H, H, N, N, D, torch.float32, device, seed=3)
+    dense = _random_dense(1, H, 2, 2, seed=5, empty_row=False).to(device)  # B = 1 broadcasts
+    a = block_sparse_attention(q, k, v, dense, block_q=64, backend=backend)
+    m = BlockMask.from_dense(dense, 64, 64, N, N)
+    b = block_sparse_attention(q, k, v, m, backend=backend)
+    c = block_sparse_attention(q, k, v, m.expand(B, H), backend=backend)
+    assert torch.equal(a, b) and torch.equal(b, c)
+    # CSR rows may list their blocks in any order, and entries past kv_num_blocks are ignored
+    idx = m.kv_indices.flip(-1).clone()
+    num = m.kv_num_blocks
+    perm = torch.where(torch.arange(2, device=device) < num[..., None], m.kv_indices.gather(
+        -1, (num[..., None] - 1 - torch.arange(2, device=device)).clamp(min=0).long()), idx)
+    d = block_sparse_attention(q, k, v, m._replace(kv_indices=perm.to(torch.int32).contiguous()), backend=backend)
+    torch.testing.assert_close(d, b, atol=1e-6, rtol=1e-5)
+
+
+def test_all_blocks_is_dense_attention(backend_device):
+    backend, device = backend_device
+    q, k, v, _ = _inputs(1, 2, 2, 70, 70, 64, torch.float32, device, seed=9)
+    for causal in (False, True):
+        out = block_sparse_attention(q, k, v, None, causal=causal, block_q=64, backend=backend)
+        exp = torch.nn.functional.scaled_dot_product_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(),
+                                                               is_causal=causal)
+        torch.testing.assert_close(out.cpu().double(), exp, atol=2e-6, rtol=1e-5)
+
+
+GRAD_CASES = [
+    # (B, H, Hkv, Nq, Nk, D, block_q, block_k, causal, bias_dim)
+    (2, 2, 1, 100, 100, 32, 64, 64, True, 2),
+    (1, 4, 2, 130, 90, 64, 128, 64, False, 3),
+    (1, 2, 2, 70, 150, 32, 64, 128, True, None),
+    (1, 2, 1, 140, 140, 128, 128, 128, True, 3),  # head dim 128
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gradients_match_reference(backend_device, case):
+    backend, device = backend_device
+    B, H, Hkv, Nq, Nk, D, bq, bk, causal, bias_dim = case
+    q, k, v, bias = _inputs(B, H, Hkv, Nq, Nk, D, torch.float32, device, seed=11, bias_dim=bias_dim)
+    leaves = [q, k, v] + ([bias] if bias is not None else [])
+    for t in leaves:
+        t.requires_grad_(True)
+    dense = _random_dense(B, H, math.ceil(Nq / bq), math.ceil(Nk / bk), seed=Nq)
+    mask = BlockMask.from_dense(dense.to(device), bq, bk, Nq, Nk)
+    out, lse = block_sparse_attention(q, k, v, mask, causal=causal, key_bias=bias, return_lse=True, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    gout = torch.randn(out.shape, generator=g).to(device)
+    glse = torch.randn(lse.shape, generator=g).to(device)
+    loss = (out * gout).sum() + (torch.where(lse.isinf(), 0, lse) * glse).sum()
+    grads = torch.autograd.grad(loss, leaves)
+
+    ref_leaves = [t.detach().cpu().double().requires_grad_(True) for t in leaves]
+    rb = ref_leaves[3] if bias is not None else None
+    rout, rlse = ref.attention(*ref_leaves[:3], mask.kv_num_blocks.cpu(), mask.kv_indices.cpu(), bq, bk, causal,
+                               D ** -0.5, rb)
+    rloss = (rout * gout.cpu().double()).sum() + (torch.where(rlse.isinf(), 0, rlse) * glse.cpu().double()).sum()
+    rgrads = torch.autograd.grad(rloss, ref_leaves)
+    for name, got, exp in zip(("dq", "dk", "dv", "dbias"), grads, rgrads):
+        assert got.shape == exp.shape and not got.isnan().any(), name
+        torch.testing.assert_close(got.cpu().double(), exp, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gradients_low_precision(backend_device, dtype):
+    backend, device = backend_device
+    _skip_interp_bf16(backend, device, dtype)
+    B, H, N, D = 1, 2, 100, 64
+    q, k, v, bias = _inputs(B, H, H, N, N, D, dtype, device, seed=2, bias_dim=3)
+    leaves = [q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True), bias.requires_grad_(True)]
+    mask = causal_block_mask(N, block_q=64, device=device)
+    out = block_sparse_attention(q, k, v, mask, causal=True, key_bias=bias, backend=backend)
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(dtype).to(device)
+    grads = torch.autograd.grad((out.float() * gout.float()).sum(), leaves)
+
+    def run(dt):
+        rl = [t.detach().cpu().to(dt).requires_grad_(True) for t in leaves]
+        ro, _ = ref.attention(*rl[:3], mask.kv_num_blocks.cpu(), mask.kv_indices.cpu(), 64, 64, True, D ** -0.5,
+                              rl[3], dtype=dt)
+        return torch.autograd.grad((ro * gout.cpu().to(dt)).sum(), rl)
+
+    exp = run(torch.float64)
+    base = run(torch.float32 if dtype == torch.bfloat16 else dtype)
+    for name, got, e, b in zip(("dq", "dk", "dv", "dbias"), grads, exp, base):
+        if dtype == torch.bfloat16:
+            b = b.to(dtype)
+        _check_close(got, e, b, 2e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+# --------------------------------------------------------------------------- key mass
+@pytest.mark.parametrize("causal,bias_dim,hkv", [(False, None, 2), (True, 3, 1), (True, 2, 2)])
+def test_key_mass_matches_reference(backend_device, causal, bias_dim, hkv):
+    backend, device = backend_device
+    B, H, Nq, Nk, D, bq, bk = 2, 2, 100, 150, 32, 64, 128
+    q, k, v, bias = _inputs(B, H, hkv, Nq, Nk, D, torch.float32, device, seed=21, bias_dim=bias_dim)
+    dense = _random_dense(B, H, 2, 2, seed=4)
+    mask = BlockMask.from_dense(dense.to(device), bq, bk, Nq, Nk)
+    out, mass = attention_with_key_mass(q, k, v, mask, causal=causal, key_bias=bias, backend=backend)
+    assert mass.shape == (B, H, Nk) and mass.dtype == torch.float32
+    cpu_bias = None if bias is None else bias.cpu()
+    exp = ref.key_mass(q.cpu(), k.cpu(), mask.kv_num_blocks.cpu(), mask.kv_indices.cpu(), bq, bk, causal, D ** -0.5,
+                       cpu_bias)
+    torch.testing.assert_close(mass.cpu().double(), exp, atol=1e-5, rtol=1e-5)
+    # every non-empty row distributes exactly one unit of mass
+    rows = (~torch.isinf(ref.attention(q.cpu(), k.cpu(), v.cpu(), mask.kv_num_blocks.cpu(), mask.kv_indices.cpu(),
+                                       bq, bk, causal, D ** -0.5, cpu_bias)[1])).sum(-1)
+    torch.testing.assert_close(mass.sum(-1).cpu().double(), rows.double(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, mask, causal=causal, key_bias=bias,
+                                                           backend=backend))
+
+
+@pytest.mark.parametrize("nq,causal", [(1, False), (5, True)])
+def test_decode_key_mass(backend_device, nq, causal):
+    backend, device = backend_device
+    B, H, Nk, D = 2, 4, 300, 64
+    q, k, v, bias = _inputs(B, H, 2, nq, Nk, D, torch.float32, device, seed=nq, bias_dim=2)
+    out, mass = decode_attention_with_key_mass(q, k, v, causal=causal, key_bias=bias, backend=backend)
+    kk, vv = k.cpu().double().repeat_interleave(2, 1), v.cpu().double().repeat_interleave(2, 1)
+    s = q.cpu().double() @ kk.transpose(-1, -2) * D ** -0.5 + bias.cpu().double()[:, None, None]
+    if causal:
+        s = s.masked_fill(~causal_token_mask(nq, Nk), float("-inf"))
+    p = s.softmax(-1)
+    torch.testing.assert_close(out.cpu().double(), p @ vv, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(mass.cpu().double(), p.sum(-2), atol=2e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- token selection
+def test_token_select_mask_is_exact_token_selection(backend_device):
+    backend, device = backend_device
+    B, H, N, D = 2, 2, 150, 32
+    q, k, v, _ = _inputs(B, H, H, N, N, D, torch.float32, device, seed=8)
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(B, N, generator=g) < 0.3
+    keep[1, 64:] = False  # whole key blocks unselected in batch 1 -> the block mask drops them
+    keep[:, 0] = True
+    mask, bias = token_select_mask(keep.to(device), N, block_q=64)
+    assert mask.kv_num_blocks[1].max().item() == 1  # only block 0 holds selected keys in batch 1
+    out, mass = attention_with_key_mass(q, k, v, mask, key_bias=bias, backend=backend)
+    s = q.cpu().double() @ k.cpu().double().transpose(-1, -2) * D ** -0.5
+    p = s.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1)
+    torch.testing.assert_close(out.cpu().double(), p @ v.cpu().double(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(mass.cpu().double(), p.sum(-2), atol=2e-6, rtol=1e-5)
+    assert (mass.cpu()[~keep[:, None, :].expand(-1, H, -1)] == 0).all()
+
+
+# --------------------------------------------------------------------------- mask builders
+def _block_any(token: torch.Tensor, bq: int, bk: int) -> torch.Tensor:
+    """Token mask (..., Nq, Nk) -> block mask: a block is on if any of its pairs is."""
+    nq, nk = math.ceil(token.shape[-2] / bq), math.ceil(token.shape[-1] / bk)
+    t = torch.nn.functional.pad(token, (0, nk * bk - token.shape[-1], 0, nq * bq - token.shape[-2]))
+    return t.unflatten(-2, (nq, bq)).unflatten(-1, (nk, bk)).any(-1).any(-2)
+
+
+@pytest.mark.parametrize("nq,nk,bq,bk", [(300, 300, 64, 64), (200, 450, 128, 64), (130, 100, 64, 128)])
+def test_causal_and_window_builders(nq, nk, bq, bk):
+    i = torch.arange(nq)[:, None] + (nk - nq)
+    j = torch.arange(nk)
+    cm = causal_block_mask(nq, nk, block_q=bq, block_k=bk)
+    assert torch.equal(cm.to_dense()[0, 0], _block_any(j <= i, bq, bk))
+    window, sinks = 70, 5
+    wm = sliding_window_mask(nq, window, sinks, nk, block_q=bq, block_k=bk)
+    tok = (j <= i) & ((j > i - window) | (j < sinks))
+    assert torch.equal(wm.to_dense()[0, 0], _block_any(tok, bq, bk))
+    rm = retrieval_heads_mask(4, [0, 2], nq, window, sinks, nk, block_q=bq, block_k=bk)
+    d = rm.to_dense()[0]
+    assert torch.equal(d[0], cm.to_dense()[0, 0]) and torch.equal(d[2], d[0])
+    assert torch.equal(d[1], wm.to_dense()[0, 0]) and torch.equal(d[3], d[1])
+    st = stack_heads([cm, wm, cm, wm])
+    assert torch.equal(st.to_dense()[0], rm.to_dense()[0][[0, 1, 2, 3]])
+
+
+def test_window_mask_with_causal_attention_matches_token_window(backend_device):
+    backend, device = backend_device
+    N, D, window, sinks = 200, 32, 64, 4
+    q, k, v, _ = _inputs(1, 2, 2, N, N, D, torch.float32, device, seed=13)
+    mask = retrieval_heads_mask(2, [1], N, window, sinks, block_q=64, device=device)
+    out = block_sparse_attention(q, k, v, mask, causal=True, backend=backend)
+    exp, _ = ref.attention(q.cpu(), k.cpu(), v.cpu(), mask.kv_num_blocks.cpu(), mask.kv_indices.cpu(), 64, 64, True,
+                           D ** -0.5)
+    torch.testing.assert_close(out.cpu().double(), exp, atol=2e-6, rtol=1e-5)
+    full = torch.nn.functional.scaled_dot_product_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(),
+                                                            is_causal=True)
+    torch.testing.assert_close(out.cpu().double()[:, 1], full[:, 1], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [2, 0.5, 1])
+@pytest.mark.parametrize("causal", [False, True])
+def test_topk_block_mask(keep, causal):
+    B, H, Hkv, N, D, blk = 2, 4, 2, 330, 32, 64
+    q, k, _, _ = _inputs(B, H, Hkv, N, N, D, torch.float32, "cpu", seed=17)
+    m = topk_block_mask(q, k, keep, block_q=blk, causal=causal)
+    nb = math.ceil(N / blk)
+    count = keep if isinstance(keep, int) else math.ceil(keep * nb)
+    dense = m.to_dense()
+    assert dense.shape == (B, H, nb, nb)
+    # brute force: pooled scores, diagonal forced, future blocks ineligible
+    pad = nb * blk - N
+    pool = lambda x: torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(-2, (nb, blk)).sum(-2) / torch.tensor(  # noqa: E731
+        [min(blk, N - i * blk) for i in range(nb)], dtype=torch.float32)[:, None]
+    score = pool(q) @ pool(k).repeat_interleave(H // Hkv, 1).transpose(-1, -2)
+    for b in range(B):
+        for h in range(H):
+            for i in range(nb):
+                eligible = list(range(i + 1)) if causal else list(range(nb))
+                row = dense[b, h, i].nonzero().flatten().tolist()
+                if causal:
+                    assert i in row and all(j <= i for j in row)
+                    rest = sorted((j for j in eligible if j != i), key=lambda j: -score[b, h, i, j].item())
+                    assert sorted(row) == sorted([i] + rest[:count - 1])
+                else:
+                    top = sorted(eligible, key=lambda j: -score[b, h, i, j].item())[:count]
+                    assert sorted(row) == sorted(top)
+
+
+def test_mask_roundtrip_and_transpose():
+    dense = _random_dense(2, 3, 4, 5, seed=1)
+    m = BlockMask.from_dense(dense, 64, 128, 200, 600)
+    assert m.kv_num_blocks.dtype == torch.int32 and m.kv_indices.dtype == torch.int32
+    assert torch.equal(m.to_dense(), dense)
+    qn, qi = m.transpose()
+    assert qi.shape == (2, 3, 5, 4) and qi.is_contiguous()
+    assert torch.equal(BlockMask(qn, qi, 128, 64, 600, 200).to_dense(), dense.transpose(-1, -2))
+    assert abs(m.density() - dense.float().mean().item()) < 1e-6
+
+
+def test_flex_block_mask_interop():
+    m = causal_block_mask(300, block_q=128)
+    fm = m.to_flex()
+    assert torch.equal(fm.kv_num_blocks, m.kv_num_blocks)
+    assert torch.equal(fm.kv_indices, m.kv_indices)
+
+
+# --------------------------------------------------------------------------- bad input
+def _bad_calls():
+    B, H, N, D = 1, 2, 100, 32
+    q, k, v, _ = _inputs(B, H, H, N, N, D, torch.float32, "cpu")
+    m = BlockMask.from_dense(torch.ones(1, 1, 2, 2, dtype=torch.bool), 64, 64, N, N)
+    run = lambda mask, **kw: block_sparse_attention(q, k, v, mask, **kw)  # noqa: E731
+    yield "mask.kv_indices", TypeError, lambda: run(m._replace(kv_indices=m.kv_indices.long()))
+    yield "mask.kv_num_blocks", TypeError, lambda: run(m._replace(kv_num_blocks=m.kv_num_blocks.float()))
+    yield "mask.kv_indices", ValueError, lambda: run(m._replace(kv_indices=m.kv_indices + 1))
+    yield "mask.kv_indices", ValueError, lambda: run(m._replace(kv_indices=m.kv_indices - 1))
+    yield "mask.kv_indices", ValueError, lambda: run(m._replace(kv_indices=torch.zeros_like(m.kv_indices)))
+    yield "mask.kv_num_blocks", ValueError, lambda: run(m._replace(kv_num_blocks=m.kv_num_blocks + 1))
+    yield "mask.kv_num_blocks", ValueError, lambda: run(m._replace(kv_num_blocks=m.kv_num_blocks - 3))
+    yield "mask.kv_indices", ValueError, lambda: run(m._replace(kv_indices=m.kv_indices[:, :, :1].contiguous()))
+    yield "mask.kv_indices", ValueError, lambda: run(m._replace(kv_indices=m.kv_indices.expand(3, 2, 2, 2)))
+    yield "mask.kv_num_blocks", ValueError, lambda: run(m._replace(kv_num_blocks=m.kv_num_blocks[..., :1]))
+    yield "mask.q_len", ValueError, lambda: run(m._replace(q_len=99))
+    yield "block_q", ValueError, lambda: run(m._replace(block_q=48))
+    yield "mask", TypeError, lambda: run(torch.ones(1, 1, 2, 2, dtype=torch.int32), block_q=64)
+    yield "mask", ValueError, lambda: run(torch.ones(1, 1, 3, 2, dtype=torch.bool), block_q=64)
+    yield "mask", TypeError, lambda: run((m.kv_num_blocks, m.kv_indices))
+    yield "key_bias", ValueError, lambda: run(m, key_bias=torch.zeros(B, N + 1))
+    yield "key_bias", TypeError, lambda: run(m, key_bias=torch.zeros(B, N, dtype=torch.float16))
+    yield "k", TypeError, lambda: block_sparse_attention(q, k.half(), v, m)
+    yield "k", ValueError, lambda: block_sparse_attention(q, k[:, :, :, :16].contiguous(), v, m)
+    yield "k", ValueError, lambda: block_sparse_attention(torch.randn(B, 3, N, D), k, v, m)
+    yield "v", ValueError, lambda: block_sparse_attention(q, k, v[:, :, :50].contiguous(), m)
+    yield "q", ValueError, lambda: block_sparse_attention(q.transpose(-1, -2), k, v, m)
+    yield "causal", TypeError, lambda: run(m, causal=1)
+    yield "keep", ValueError, lambda: topk_block_mask(q, k, 0, block_q=64)
+    yield "keep", ValueError, lambda: topk_block_mask(q, k, 1.5, block_q=64)
+    yield "window", ValueError, lambda: sliding_window_mask(N, 0)
+    yield "full_heads", ValueError, lambda: retrieval_heads_mask(2, [2], N, 16)
+    yield "keep", TypeError, lambda: token_select_mask(torch.ones(B, N), N)
+
+
+@pytest.mark.parametrize("case", range(len(list(_bad_calls()))))
+def test_bad_inputs(case):
+    name, exc, call = list(_bad_calls())[case]
+    with pytest.raises(exc, match=name.replace(".", r"\.")):
+        call()
+
+
+# --------------------------------------------------------------------------- registry / compile
+def test_opcheck(backend_device):
+    backend, device = backend_device
+    B, H, N, D = 1, 2, 40, 16
+    q, k, v, bias = _inputs(B, H, 1, N, N, D, torch.float32, device, bias_dim=2)
+    m = causal_block_mask(N, block_q=16, device=device)
+    m = BlockMask.from_dense(m.to_dense().expand(B, H, -1, -1).contiguous(), 16, 16, N, N)
+    args = (q, k, v, m.kv_num_blocks, m.kv_indices, 16, 16, True, D ** -0.5, bias, backend)
+    torch.library.opcheck(torch.ops.tokops.block_sparse_attn_fwd.default, args)
+    out, lse = torch.ops.tokops.block_sparse_attn_fwd(*args)
+    qn, qi = m.transpose()
+    bargs = (torch.randn_like(out), q, k, v, out, lse, None, m.kv_num_blocks, m.kv_indices, qn, qi, 16, 16, True,
+             D ** -0.5, bias, backend)
+    torch.library.opcheck(torch.ops.tokops.block_sparse_attn_bwd.default, bargs)
+    torch.library.opcheck(torch.ops.tokops.attn_key_mass.default,
+                          (q, k, lse, qn, qi, 16, 16, True, D ** -0.5, bias, backend))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    N, D = 80, 32
+
+    def layer(q, k, v, bias):
+        mask = causal_block_mask(N, block_q=64, device=q.device)
+        out = block_sparse_attention(q, k, v, mask, causal=True, key_bias=bias)
+        out2, mass = attention_with_key_mass(q, k, v, mask, causal=True)
+        return out + out2, mass
+
+    q, k, v, bias = _inputs(1, 2, 2, N, N, D, torch.float32, device, bias_dim=2)
+    q.requires_grad_(True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend=compiler)
+    out, mass = compiled(q, k, v, bias)
+    exp_out, exp_mass = layer(q, k, v, bias)
+    torch.testing.assert_close(out, exp_out)
+    torch.testing.assert_close(mass, exp_mass)
+    (g,) = torch.autograd.grad(out.sum(), q)
+    (eg,) = torch.autograd.grad(exp_out.sum(), q)
+    torch.testing.assert_close(g, eg)
+
+
+def test_backends_registered():
+    impls = tokops._registry.implementations()
+    for name in ("block_sparse_attn_fwd", "block_sparse_attn_bwd", "attn_key_mass"):
+        assert {"torch", "triton"} <= set(impls[name]), name
+    assert full_block_mask(10).kv_indices.shape == (1, 1, 1, 1)
+
+
+def test_agrees_with_flex_attention_on_the_same_block_mask():
+    """FlexAttention (compiled, CPU here) with the same CSR block mask gives the same output."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    N, D = 256, 32
+    q, k, v, _ = _inputs(1, 2, 2, N, N, D, torch.float32, "cpu", seed=31)
+    dense = _random_dense(1, 2, 2, 2, seed=6, empty_row=False)
+    dense[..., 0] = True
+    mask = BlockMask.from_dense(dense, 128, 128, N, N)
+    torch._dynamo.reset()
+    flex = torch.compile(flex_attention, fullgraph=True)(q, k, v, block_mask=mask.to_flex())
+    torch.testing.assert_close(block_sparse_attention(q, k, v, mask, backend="torch"), flex, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not tokops.triton_available(), reason="needs triton")
+@pytest.mark.parametrize("num_splits", [1, 2, 3])
+def test_triton_split_kv_forward(num_splits):
+    """The flash-decoding path (key-block list split over programs, then merged by LSE) agrees with
+    the reference, including empty rows, causal tiles and splits that get no block."""
+    from tokops import _registry
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not _registry.triton_interpreter():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from tokops.triton_kernels import block_sparse_attn as tk
+
+    B, H, Hkv, Nq, Nk, D = 1, 2, 1, 20, 300, 64
+    q, k, v, bias = _inputs(B, H, Hkv, Nq, Nk, D, torch.float32, device, seed=5, bias_dim=3)
+    dense = torch.tensor([[True, False, True], [False, False, False]]).view(1, 2, 1, 3)  # head 1: empty
+    mask = BlockMask.from_dense(dense.to(device), 32, 128, Nq, Nk)
+    for causal in (False, True):
+        out, lse = tk.fwd(q, k, v, mask.kv_num_blocks, mask.kv_indices, 32, 128, causal, D ** -0.5, bias,
+                          num_splits=num_splits)
+        exp_out, exp_lse = ref.attention(q.cpu(), k.cpu(), v.cpu(), mask.kv_num_blocks.cpu(), mask.kv_indices.cpu(),
+                                         32, 128, causal, D ** -0.5, bias.cpu())
+        torch.testing.assert_close(out.cpu().double(), exp_out, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(lse.cpu().double(), exp_lse, atol=1e-5, rtol=1e-5)
