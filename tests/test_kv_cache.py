@@ -382,3 +382,68 @@ def test_torch_compile_fullgraph():
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
     exp = step(*args)
     torch.testing.assert_close(got, exp)
+
+
+# --------------------------------------------------------------------------- HuggingFace
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    ref = model.generate(ids, max_new_tokens=32, do_sample=False, past_key_values=transformers.DynamicCache(config=cfg))
+    return transformers, model, ids, ref
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return _tiny_llama()
+
+
+@pytest.mark.parametrize("fused,backend", [(False, "auto"), (True, "torch"), (True, "triton")])
+def test_hf_generate_8bit_matches_full_precision(tiny_llama, fused, backend):
+    transformers, model, ids, ref = tiny_llama
+    from tokops.kv.hf import TokopsQuantizedCache
+
+    if backend == "triton" and not tokops._registry.triton_interpreter() and not torch.cuda.is_available():
+        pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
+    model.set_attn_implementation("tokops_kv" if fused else "sdpa")
+    try:
+        cache = TokopsQuantizedCache(2, bits_k=8, bits_v=8, group_size=32, residual=16, fused=fused, backend=backend)
+        out = model.generate(ids, max_new_tokens=32, do_sample=False, past_key_values=cache)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert out.shape == ref.shape and torch.equal(out, ref)  # token for token, 32 steps
+    kv = cache.layers[0].kv
+    assert len(kv) == ref.shape[1] - 1 and kv.n_quant > 0  # part of the context really is quantized
+
+
+def test_hf_logit_error_by_bits(tiny_llama):
+    """Teacher-forced logits against a full-precision DynamicCache: error grows as bits shrink."""
+    transformers, model, ids, ref = tiny_llama
+    from tokops.kv.hf import TokopsQuantizedCache
+
+    def logits(cache):
+        out = [model(ref[:, :40], past_key_values=cache).logits[:, -1]]
+        for i in range(40, ref.shape[1] - 1):
+            out.append(model(ref[:, i:i + 1], past_key_values=cache).logits[:, -1])
+        return torch.stack(out, 1)
+
+    with torch.no_grad():
+        full = logits(transformers.DynamicCache(config=model.config))
+        err = {b: (logits(TokopsQuantizedCache(2, bits_k=b, bits_v=b, group_size=32, residual=16)) - full)
+               .abs().max().item() for b in (8, 4, 2)}
+    assert 0 < err[8] < err[4] < err[2] < full.abs().max().item(), err
+
+
+def test_select_batch_reorders_without_requantizing():
+    cache = QuantizedKVCache(4, 4, group_size=G, residual=8)
+    _fill(cache, [70], B=3, Hk=2, D=32)
+    k0, v0 = cache.dequantized(torch.float32)
+    idx = torch.tensor([2, 0, 0, 1])
+    cache.select_batch(idx)
+    k1, v1 = cache.dequantized(torch.float32)
+    assert torch.equal(k1, k0[idx]) and torch.equal(v1, v0[idx])
+    q = _q(4, 4, 1, 32)
+    torch.testing.assert_close(decode_attention(q, cache).double(), decode_attention_reference(q, cache)[0])

@@ -344,6 +344,19 @@ class QuantizedKVCache:
         self.n_evicted += n - keep_n
         self.n_quant = keep_n
 
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep / reorder / repeat batch rows: row ``i`` of the result is row ``index[i]`` (beam search).
+        Packed codes are copied as they are (no re-quantization)."""
+        if not self.initialized:
+            return
+        check_tensor("index", index, dtypes=(torch.int64, torch.int32), ndim=1)
+        index = index.to(self._device)
+        for name in list(self._store):
+            self._store[name] = self._store[name].index_select(0, index)
+        for attr in ("_q_pos", "_q_score", "_k_res", "_v_res", "_r_score"):
+            setattr(self, attr, getattr(self, attr).index_select(0, index))
+        self._shape = (index.numel(), *self._shape[1:])
+
     # ------------------------------------------------------------------ views for the kernels
     def tensors(self) -> dict:
         """The cache's buffers (capacity-sized; only the first ``n_quant`` / ``n_res`` tokens are valid).
