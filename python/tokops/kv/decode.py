@@ -1,0 +1,197 @@
+"""Decode attention over a :class:`~tokops.kv.QuantizedKVCache` (flash-decoding on packed codes).
+
+Papers: KIVI (Liu et al., ICML 2024) for the cache; Flash-Decoding (Dao et al., 2023) for the
+split-K scheme.  Spec: ``DESIGN.md`` ("Quantized KV").
+
+``decode_attention(q, cache)``: ``q (B, H, nq, D)``, ``1 <= nq <= 8`` (speculative decoding),
+``H % H_kv == 0`` (GQA/MQA).  **Causal rule among the new queries:** the cache already contains the
+``nq`` new tokens (append before attending); with ``L = len(cache)``, query ``i`` attends to the
+tokens of store index ``j <= L - nq + i`` (so the last query sees everything, earlier queries do
+not see the later new tokens).  A query with no visible token (``L < nq - i``, e.g. an empty
+cache) returns 0 and LSE ``-inf``.
+
+Op ``tokops::kv_decode_attention`` takes the cache's buffers (capacity-sized; only the first
+``n_quant`` quantized and ``n_res`` residual tokens are read) and returns ``(out, lse, mass)``:
+``out (B, H, nq, D)`` in q's dtype, ``lse (B, H, nq)`` fp32 (natural log), ``mass (B, H, L)`` fp32
+(``sum_i P[b, h, i, j]``, the H2O score) or ``(B, H, 0)`` when not requested.
+
+Backends: ``torch`` dequantizes the valid tokens and runs dense fp32 attention (reference path);
+``triton`` is the fused kernel (``triton_kernels/kv_decode.py``) that reads the packed codes and
+scales directly, never building a dequantized copy.  :func:`decode_attention_reference` is the
+float64 oracle used by the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _registry as reg
+from .._checks import FLOAT_DTYPES, check_tensor
+from . import reference as ref
+from .cache import QuantizedKVCache
+
+MAX_NQ = 8
+
+
+# --------------------------------------------------------------------------- pure torch
+def dequantize_store(codes, scale, zero, mode: str, bits: int, group_size: int, axis: int, n: int, D: int,
+                     dtype=torch.float32) -> torch.Tensor:
+    """The first ``n`` tokens of one quantized store tensor, dequantized: ``(B, H_kv, n, D)``."""
+    B, H = codes.shape[:2]
+    if n == 0:
+        return torch.zeros(B, H, 0, D, dtype=dtype, device=codes.device)
+    if mode == "fp8":
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        x = codes[:, :, :n].view(torch.float8_e4m3fn).to(wide) * scale[:, :, :n, None].to(wide)
+        return x.to(dtype)
+    if axis == -2:
+        c = codes[:, :, : n * bits // 32]
+        s, z = scale[:, :, : n // group_size], zero[:, :, : n // group_size]
+        length = n
+    else:
+        c, s, z = codes[:, :, :n], scale[:, :, :n], zero[:, :, :n]
+        length = D
+    x = ref.dequantize(c.contiguous(), s.contiguous(), z.contiguous(), bits, group_size, axis, length, torch.float32)
+    return x.to(dtype)
+
+
+def dense_decode(q, k, v, scale: float, return_mass: bool = True):
+    """Dense attention of ``q (B, H, nq, D)`` over ``k, v (B, H_kv, L, D)`` in q's dtype, with the
+    decode causal rule.  Returns ``(out, lse, mass)`` (mass ``(B, H, L)``, empty if not asked)."""
+    B, H, nq, D = q.shape
+    Hk, L = k.shape[1], k.shape[2]
+    g = H // Hk
+    k = k.to(q.dtype).repeat_interleave(g, 1)
+    v = v.to(q.dtype).repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) * scale  # (B, H, nq, L)
+    j = torch.arange(L, device=q.device)
+    i = torch.arange(nq, device=q.device)
+    allowed = j[None, :] <= (L - nq + i)[:, None]
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1) if L else torch.full((B, H, nq), float("-inf"), dtype=q.dtype, device=q.device)
+    finite = torch.isfinite(lse)
+    p = torch.where(allowed & finite[..., None], torch.exp(s - torch.where(finite, lse, 0)[..., None]),
+                    torch.zeros((), dtype=q.dtype, device=q.device))
+    out = p @ v
+    mass = p.sum(2) if return_mass else p.new_zeros(B, H, 0)
+    return out, lse, mass
+
+
+def _torch_decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, n_quant, n_res, mode,
+                  bits_k, bits_v, group_size, key_axis, value_axis, scale, return_mass):
+    D = q.shape[-1]
+    kq = dequantize_store(k_codes, k_scale, k_zero, mode, bits_k, group_size, key_axis, n_quant, D)
+    vq = dequantize_store(v_codes, v_scale, v_zero, mode, bits_v, group_size, value_axis, n_quant, D)
+    k = torch.cat([kq, k_res[:, :, :n_res].float()], 2)
+    v = torch.cat([vq, v_res[:, :, :n_res].float()], 2)
+    out, lse, mass = dense_decode(q.float(), k, v, scale, return_mass)
+    o = reg.new_output(q.shape, q.dtype, q.device)
+    o.copy_(out)
+    lse_o = reg.new_output(lse.shape, torch.float32, q.device)
+    lse_o.copy_(lse)
+    m = reg.new_output(mass.shape, torch.float32, q.device)
+    m.copy_(mass)
+    return o, lse_o, m
+
+
+def decode_attention_reference(q: torch.Tensor, cache: QuantizedKVCache, *, scale: float | None = None):
+    """The float64 oracle: dequantize the cache (:meth:`QuantizedKVCache.dequantized`) and run dense
+    attention in float64.  Returns ``(out, lse, mass)`` in float64."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not cache.initialized:
+        B, H, nq, D = q.shape
+        return (torch.zeros(B, H, nq, D, dtype=torch.float64), torch.full((B, H, nq), float("-inf"),
+                dtype=torch.float64), torch.zeros(B, H, 0, dtype=torch.float64))
+    k, v = cache.dequantized(torch.float64)
+    return dense_decode(q.double().to(k.device), k, v, scale)
+
+
+# --------------------------------------------------------------------------- checks
+def _check_decode(q, cache, scale, return_mass):
+    if not isinstance(cache, QuantizedKVCache):
+        raise TypeError(f"cache must be a tokops.kv.QuantizedKVCache, got {type(cache).__name__}")
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
+    B, H, nq, D = q.shape
+    if not 1 <= nq <= MAX_NQ:
+        raise ValueError(f"q must have 1 <= nq <= {MAX_NQ} new queries (q.shape[2]), got shape {tuple(q.shape)}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    if not isinstance(return_mass, bool):
+        raise TypeError(f"return_mass must be a bool, got {type(return_mass).__name__}")
+    if cache.initialized:
+        Bc, Hk, Dc = cache._shape
+        if B != Bc:
+            raise ValueError(f"q must have the cache's batch size {Bc} (q.shape[0]), got shape {tuple(q.shape)}")
+        if D != Dc:
+            raise ValueError(f"q must have the cache's head dim {Dc} (q.shape[3]), got shape {tuple(q.shape)}")
+        if H % Hk:
+            raise ValueError(f"q must have a number of heads (q.shape[1]={H}) that is a multiple of the cache's "
+                             f"kv heads {Hk}")
+        if q.device != cache.device:
+            raise ValueError(f"q must be on the cache's device {cache.device}, got {q.device}")
+        if cache.n_pinned and cache.n_res and nq > 1:
+            # with pinned tokens the newest tokens are still last in store order as long as they are
+            # in the residual window; that holds when the window is at least nq long
+            if cache.residual < nq:
+                raise ValueError(f"q: nq={nq} > cache.residual={cache.residual} with pinned tokens: the causal "
+                                 f"rule needs the nq newest tokens at the end of the store")
+
+
+# --------------------------------------------------------------------------- op
+def _decode_fake(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, n_quant, n_res, mode,
+                 bits_k, bits_v, group_size, key_axis, value_axis, scale, return_mass, backend):
+    B, H, nq, D = q.shape
+    L = n_quant + n_res
+    return (q.new_empty(q.shape), q.new_empty((B, H, nq), dtype=torch.float32),
+            q.new_empty((B, H, L if return_mass else 0), dtype=torch.float32))
+
+
+_decode_op = reg.define(
+    "kv_decode_attention",
+    "(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, Tensor v_scale, Tensor v_zero, "
+    "Tensor k_res, Tensor v_res, int n_quant, int n_res, str mode, int bits_k, int bits_v, int group_size, "
+    "int key_axis, int value_axis, float scale, bool return_mass, str backend) -> (Tensor, Tensor, Tensor)",
+    _decode_fake)
+reg.implements("kv_decode_attention", "torch", _torch_decode)
+reg.implements("kv_decode_attention", "triton", "tokops.triton_kernels.kv_decode:decode_attention")
+
+
+def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, scale: float | None = None,
+                     return_mass: bool = False, return_lse: bool = False, backend: str = "auto"):
+    """Attention of ``q: (B, H, nq, D)`` (fp16/bf16/fp32, ``1 <= nq <= 8``) over every token of
+    ``cache`` (quantized store + full-precision residual window), GQA when ``H_kv < H``.
+
+    ``scale`` defaults to ``D ** -0.5``.  Causal among the new queries: query ``i`` sees store
+    indices ``j <= len(cache) - nq + i`` (append the ``nq`` new tokens first).  Returns ``out``
+    ``(B, H, nq, D)`` in q's dtype; with ``return_mass`` also the per-key attention mass
+    ``(B, H, len(cache))`` fp32 (the H2O score, in store order, see ``cache.positions()``); with
+    ``return_lse`` also the fp32 LSE ``(B, H, nq)``.  Tuple order: ``(out[, mass][, lse])``.
+    """
+    _check_decode(q, cache, scale, return_mass)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    be = reg.resolve_backend("kv_decode_attention", backend, q.device)
+    if not cache.initialized:
+        B, H, nq, D = q.shape
+        out = torch.zeros_like(q)
+        res = [out]
+        if return_mass:
+            res.append(torch.zeros(B, H, 0, dtype=torch.float32, device=q.device))
+        if return_lse:
+            res.append(torch.full((B, H, nq), float("-inf"), dtype=torch.float32, device=q.device))
+        return res[0] if len(res) == 1 else tuple(res)
+    t = cache.tensors()
+    out, lse, mass = _decode_op(q, t["k_codes"], t["k_scale"], t["k_zero"], t["v_codes"], t["v_scale"],
+                                t["v_zero"], t["k_res"], t["v_res"], cache.n_quant, cache.n_res, cache.mode,
+                                cache.bits_k, cache.bits_v, cache.group_size, cache.key_axis, cache.value_axis,
+                                scale, return_mass, be)
+    res = [out]
+    if return_mass:
+        res.append(mass)
+    if return_lse:
+        res.append(lse)
+    return res[0] if len(res) == 1 else tuple(res)

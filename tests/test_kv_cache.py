@@ -1,0 +1,450 @@
+"""QuantizedKVCache and fused decode attention: residual rule, growth, fp64 oracle, GQA, nq 1..8,
+mass, mixed precision (pinned tokens), H2O eviction, bad inputs, opcheck."""
+
+import math
+
+import pytest
+import torch
+
+import tokops
+from tokops.kv import QuantizedKVCache, decode_attention, decode_attention_reference
+from tokops.kv.decode import dense_decode
+
+
+def _kv(B, Hk, n, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, Hk, n, D, generator=g) * 1.5 + torch.rand(B, Hk, 1, D, generator=g)  # per-channel offsets
+    v = torch.randn(B, Hk, n, D, generator=g) + 0.3
+    return k.to(dtype), v.to(dtype)
+
+
+def _q(B, H, nq, D, dtype=torch.float32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, nq, D, generator=g) * 1.2).to(dtype)
+
+
+def _fill(cache, chunks, B=1, Hk=1, D=32, dtype=torch.float32, seed=0, device="cpu"):
+    """Append chunks of the given sizes; returns the full-precision k, v that went in."""
+    total = sum(chunks)
+    k, v = _kv(B, Hk, max(total, 1), D, dtype, seed)
+    k, v = k[:, :, :total].to(device), v[:, :, :total].to(device)
+    i = 0
+    for n in chunks:
+        cache.append(k[:, :, i:i + n].contiguous(), v[:, :, i:i + n].contiguous())
+        i += n
+    return k, v
+
+
+def _skip_interp_dtype(backend, device, dtype):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+
+
+def _check_against_oracle(q, cache, backend, *, nq_mass=True):
+    """Kernel vs the float64 oracle on the cache's own dequantized values; tolerance: 2x the error
+    of the same dense computation done by torch in q's dtype (DESIGN.md), plus a few ulps."""
+    out, mass, lse = decode_attention(q, cache, return_mass=True, return_lse=True, backend=backend)
+    o64, lse64, m64 = (t.cpu() for t in decode_attention_reference(q, cache))
+    k, v = (t.cpu() for t in cache.dequantized(torch.float64))
+    o_same, lse_same, m_same = dense_decode(q.cpu(), k.cpu().to(q.dtype), v.cpu().to(q.dtype), q.shape[-1] ** -0.5)
+    eps = torch.finfo(q.dtype).eps
+    vmax = v.abs().max().item() if v.numel() else 1.0
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert mass.shape == (q.shape[0], q.shape[1], len(cache)) and mass.dtype == torch.float32
+    assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    for name, got, exp, same, scale in (("out", out, o64, o_same, vmax), ("lse", lse, lse64, lse_same, 1.0),
+                                        ("mass", mass, m64, m_same, 1.0)):
+        got = got.cpu().double()
+        assert not got.isnan().any(), name
+        base = (same.double() - exp).abs().max().item() if exp.numel() else 0.0
+        err = (got - exp).abs().max().item() if exp.numel() else 0.0
+        tol = 2 * base + 8 * eps * scale * (1 + math.log2(max(len(cache), 2)))
+        assert err <= tol, f"{name}: error {err:.3g} > tolerance {tol:.3g} (torch same-dtype error {base:.3g})"
+    if nq_mass:  # every query row's probabilities sum to one (rows that see at least one key)
+        torch.testing.assert_close(mass.cpu().double().sum(-1), torch.isfinite(lse64).sum(-1).double(),
+                                   rtol=1e-3, atol=1e-3)
+    return out
+
+
+# --------------------------------------------------------------------------- cache bookkeeping
+G, R = 16, 24
+
+
+@pytest.mark.parametrize("chunks", [[1] * 45, [G - 1, G - 1, 1, G + 1], [G], [G + 1, 1, 1], [R + 3 * G + 5],
+                                    [3, R + G, G - 1, 1, 2 * G]], ids=str)
+def test_residual_rule_and_contents(chunks):
+    cache = QuantizedKVCache(4, 4, group_size=G, residual=R)
+    k, v = _fill(cache, chunks, B=2, Hk=2, D=32)
+    n = sum(chunks)
+    assert len(cache) == n
+    # exact rule: the oldest whole groups of the tokens beyond R leave the residual
+    assert cache.n_quant == (max(0, n - R) // G) * G
+    assert cache.n_res == n - cache.n_quant and (cache.n_res <= R + G - 1)
+    assert cache.n_res >= min(n, R)
+    kd, vd = cache.dequantized(torch.float32)
+    # residual tokens are exact, quantized ones within the quantization error
+    assert torch.equal(kd[:, :, cache.n_quant:], k[:, :, cache.n_quant:])
+    assert torch.equal(vd[:, :, cache.n_quant:], v[:, :, cache.n_quant:])
+    if cache.n_quant:
+        ref = tokops.kv.quantize(k[:, :, : cache.n_quant].contiguous(), 4, G, -2)
+        assert torch.equal(kd[:, :, : cache.n_quant], tokops.kv.dequantize(ref, torch.float32))
+        assert (kd - k).abs().max() < 0.5 * (k.max() - k.min()) / 15 + 1e-2
+    assert torch.equal(cache.positions()[0, 0], torch.arange(n))
+
+
+def test_growth_doubles_without_requantizing():
+    cache = QuantizedKVCache(2, 4, group_size=G, residual=0, capacity=G)
+    k, v = _kv(1, 2, 8 * G, 32)
+    cache.append(k[:, :, :G].contiguous(), v[:, :, :G].contiguous())
+    assert cache.capacity == G
+    before = {n: t.clone() for n, t in cache.tensors().items() if n.endswith(("codes", "scale", "zero"))}
+    caps = []
+    for i in range(1, 8):
+        cache.append(k[:, :, i * G:(i + 1) * G].contiguous(), v[:, :, i * G:(i + 1) * G].contiguous())
+        caps.append(cache.capacity)
+    assert caps == [2 * G, 4 * G, 4 * G, 8 * G, 8 * G, 8 * G, 8 * G]
+    after = cache.tensors()
+    # the first group's packed words, scales and zeros are bit-identical after 3 reallocations
+    assert torch.equal(after["k_codes"][:, :, : G * 2 // 32], before["k_codes"][:, :, : G * 2 // 32])
+    assert torch.equal(after["k_scale"][:, :, :1], before["k_scale"][:, :, :1])
+    assert torch.equal(after["v_codes"][:, :, :G], before["v_codes"][:, :, :G])
+    assert torch.equal(after["v_zero"][:, :, :G], before["v_zero"][:, :, :G])
+
+
+def test_empty_cache():
+    cache = QuantizedKVCache()
+    assert len(cache) == 0 and cache.memory_bytes() == 0
+    rep = cache.compression_report()
+    assert rep["tokens"] == 0 and rep["bytes"] == 0
+    q = _q(1, 4, 2, 32)
+    out, mass, lse = decode_attention(q, cache, return_mass=True, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(q)) and mass.shape == (1, 4, 0) and (lse == float("-inf")).all()
+    cache.append(*_kv(1, 2, 0, 32))  # an empty append fixes the shape but adds nothing
+    assert len(cache) == 0 and cache.initialized
+    out = decode_attention(q, cache, backend="torch")
+    assert torch.equal(out, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("mode,bits", [("int", 8), ("int", 4), ("int", 2), ("fp8", 8)])
+def test_memory_and_report(mode, bits):
+    cache = QuantizedKVCache(bits, bits, group_size=32, residual=32, mode=mode)
+    B, Hk, D, n = 1, 2, 64, 32 * 10 + 40
+    _fill(cache, [n], B=B, Hk=Hk, D=D, dtype=torch.float16)
+    nq = cache.n_quant
+    if mode == "fp8":
+        qbytes = 2 * B * Hk * nq * (D + 4)
+    else:
+        qbytes = 2 * B * Hk * nq * (D * bits // 8 + 2 * 2 * D // 32)
+    assert cache.memory_bytes() == qbytes + 2 * B * Hk * cache.n_res * D * 2
+    assert cache.memory_bytes(allocated=True) >= cache.memory_bytes()
+    rep = cache.compression_report()
+    assert rep["fp16_bytes"] == 2 * B * Hk * n * D * 2
+    assert rep["ratio_vs_fp16"] > {8: 1.5, 4: 2.5, 2: 3.5}[bits]
+
+
+# --------------------------------------------------------------------------- decode vs oracle
+CONFIGS = [  # (mode, bits_k, bits_v, key_axis, value_axis)
+    ("int", 4, 4, -2, -1), ("int", 2, 2, -2, -1), ("int", 8, 8, -2, -1), ("int", 4, 2, -1, -2),
+    ("int", 2, 8, -1, -1), ("fp8", 8, 8, -1, -1)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_decode_matches_oracle(backend_device, cfg):
+    backend, device = backend_device
+    mode, bk, bv, ka, va = cfg
+    cache = QuantizedKVCache(bk, bv, group_size=G, residual=R, mode=mode, key_axis=ka, value_axis=va)
+    _fill(cache, [70, 1, G - 1, 3], B=2, Hk=2, D=32, device=device)  # ragged: 80 quantized + 24 residual
+    _check_against_oracle(_q(2, 4, 3, 32).to(device), cache, backend)
+
+
+@pytest.mark.parametrize("nq", range(1, 9))
+def test_decode_nq_causal(backend_device, nq):
+    backend, device = backend_device
+    cache = QuantizedKVCache(4, 4, group_size=G, residual=4)
+    _fill(cache, [37 + nq], B=1, Hk=1, D=32, seed=nq, device=device)  # R=4: some new tokens are quantized
+    out = _check_against_oracle(_q(1, 2, nq, 32, seed=nq).to(device), cache, backend)
+    if nq > 1:  # query 0 must not see the later new tokens: differs from attending to everything
+        k, v = (t.cpu() for t in cache.dequantized(torch.float64))
+        q0 = _q(1, 2, nq, 32, seed=nq)[:, :, :1].double()  # query 0 alone (nq=1) sees every token
+        full = dense_decode(q0, k, v, 32 ** -0.5)[0]
+        assert not torch.allclose(out[:, :, 0].cpu().double(), full[:, :, 0], atol=1e-4)
+        seen = dense_decode(q0, k[:, :, : len(cache) - nq + 1], v[:, :, : len(cache) - nq + 1], 32 ** -0.5)[0]
+        torch.testing.assert_close(out[:, :, 0].cpu().double(), seen[:, :, 0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("H,Hk", [(1, 1), (4, 1), (6, 3), (8, 2)])
+def test_decode_gqa(backend_device, H, Hk):
+    backend, device = backend_device
+    cache = QuantizedKVCache(4, 2, group_size=G, residual=G)
+    _fill(cache, [G * 3 + 5], B=1, Hk=Hk, D=64, device=device)
+    _check_against_oracle(_q(1, H, 2, 64).to(device), cache, backend)
+
+
+@pytest.mark.parametrize("n", [1, 5, G - 1, G, G + 1, R + G - 1, R + G, 2 * R + 3 * G + 7])
+def test_decode_ragged_lengths(backend_device, n):
+    backend, device = backend_device
+    cache = QuantizedKVCache(4, 4, group_size=G, residual=R)
+    _fill(cache, [n], B=1, Hk=2, D=32, seed=n, device=device)
+    _check_against_oracle(_q(1, 2, 1, 32, seed=n).to(device), cache, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_half_precision(backend_device, dtype):
+    backend, device = backend_device
+    _skip_interp_dtype(backend, device, dtype)
+    cache = QuantizedKVCache(4, 4, group_size=G, residual=R)
+    _fill(cache, [90], B=1, Hk=2, D=32, dtype=dtype, device=device)
+    _check_against_oracle(_q(1, 4, 2, 32, dtype=dtype).to(device), cache, backend)
+
+
+def test_decode_many_splits(backend_device, monkeypatch):
+    """Long enough for several split-K chunks of the quantized store plus a residual split."""
+    backend, device = backend_device
+    monkeypatch.setenv("TOKOPS_KV_DECODE_CPU_PROGRAMS", "7")
+    cache = QuantizedKVCache(4, 4, group_size=32, residual=40)
+    _fill(cache, [300], B=1, Hk=1, D=32, device=device)
+    _check_against_oracle(_q(1, 1, 1, 32).to(device), cache, backend)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_error_vs_full_precision_within_quantization_bound(bits):
+    """Against attention over the *unquantized* k, v: every logit moves by at most
+    E = scale * sum|q| * max|dk|, so |out - out_fp| <= (exp(2E) - 1) * max|v| + max|dv|."""
+    cache = QuantizedKVCache(bits, bits, group_size=G, residual=8)
+    k, v = _fill(cache, [130], B=1, Hk=2, D=32)
+    q = _q(1, 2, 1, 32) * 0.3
+    out = decode_attention(q, cache).double()
+    exact = dense_decode(q.double(), k.double(), v.double(), 32 ** -0.5)[0]
+    kd, vd = cache.dequantized(torch.float64)
+    dk, dv = (kd - k.double()).abs().max().item(), (vd - v.double()).abs().max().item()
+    E = 32 ** -0.5 * q.double().abs().sum(-1).max().item() * dk
+    bound = (math.exp(2 * E) - 1) * v.abs().max().item() + dv
+    err = (out - exact).abs().max().item()
+    assert 0 < err <= bound, (err, bound)
+
+
+def test_auto_backend_and_kernel_agree():
+    cache = QuantizedKVCache(4, 4, group_size=G, residual=R)
+    _fill(cache, [77], B=1, Hk=1, D=32)
+    q = _q(1, 2, 1, 32)
+    a = decode_attention(q, cache)
+    b = decode_attention(q, cache, backend="torch")
+    torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- mixed precision / H2O
+def test_pinned_tokens_stay_full_precision(backend_device):
+    backend, device = backend_device
+    cache = QuantizedKVCache(2, 2, group_size=G, residual=8)
+    k, v = (t.to(device) for t in _kv(1, 2, 100, 32))
+    imp = torch.zeros(100, dtype=torch.bool, device=device)
+    imp[[3, 40, 41, 77]] = True
+    cache.append(k[:, :, :60].contiguous(), v[:, :, :60].contiguous(), important=imp[:60])
+    cache.append(k[:, :, 60:].contiguous(), v[:, :, 60:].contiguous(), important=imp[60:])
+    assert cache.n_pinned == 4 and len(cache) == 100
+    unpinned = (~imp).sum().item()
+    assert cache.n_quant == (unpinned - 8) // G * G
+    pos = cache.positions()[0, 0].cpu()
+    assert sorted(pos.tolist()) == list(range(100))
+    kd, vd = cache.dequantized(torch.float32)
+    res_pos = pos[cache.n_quant:]
+    assert set([3, 40, 41, 77]) <= set(res_pos.tolist())
+    assert torch.equal(kd[:, :, cache.n_quant:].cpu(), k[:, :, res_pos].cpu())  # pinned + recent: exact
+    assert torch.equal(pos[-8:], torch.arange(92, 100))  # the newest tokens are last in store order
+    _check_against_oracle(_q(1, 4, 2, 32).to(device), cache, backend)
+
+
+def test_h2o_eviction_keeps_recent_and_heavy_hitters():
+    budget, res = 64, 16
+    cache = QuantizedKVCache(4, 4, group_size=G, residual=res, key_axis=-1, value_axis=-1, budget=budget)
+    k, v = _kv(1, 2, 200, 32)
+    cache.append(k[:, :, :60].contiguous(), v[:, :, :60].contiguous())
+    assert len(cache) == 60 and cache.n_evicted == 0
+    # a designed score: per kv head, a different set of heavy hitters
+    g = torch.Generator().manual_seed(3)
+    mass = torch.rand(1, 4, 60, generator=g)
+    cache.accumulate_mass(mass)
+    score = mass.view(1, 2, 2, 60).sum(2)
+    nq_before = cache.n_quant
+    cache.append(k[:, :, 60:80].contiguous(), v[:, :, 60:80].contiguous())
+    assert len(cache) == budget and cache.n_evicted == 80 - budget
+    # the quantized tokens kept are the highest-score ones among those that were quantized
+    n_keep = cache.n_quant
+    qpos = cache.positions()[..., :n_keep]
+    for h in range(2):
+        cand = torch.arange(n_keep + cache.n_evicted)  # every token quantized by now
+        assert cand.numel() > nq_before
+        sc = torch.cat([score[0, h], torch.zeros(20)])[cand]
+        expect = cand[sc.topk(n_keep).indices].sort().values
+        assert torch.equal(qpos[0, h], expect), h
+    assert torch.equal(cache.positions()[0, 0, n_keep:], torch.arange(80 - cache.n_res, 80))
+    # decode over the compacted cache still matches the oracle, and its mass drives the next eviction
+    q = _q(1, 4, 1, 32)
+    out, mass = decode_attention(q, cache, return_mass=True)
+    o64, _, m64 = decode_attention_reference(q, cache)
+    torch.testing.assert_close(out.double(), o64, atol=1e-5, rtol=1e-5)
+    cache.accumulate_mass(mass)
+    for i in range(80, 120):
+        cache.append(k[:, :, i:i + 1].contiguous(), v[:, :, i:i + 1].contiguous())
+        out, mass = decode_attention(_q(1, 4, 1, 32, seed=i), cache, return_mass=True)
+        cache.accumulate_mass(mass)
+        assert len(cache) <= budget
+    assert cache.n_evicted == 120 - len(cache)
+
+
+def test_h2o_fp8(backend_device):
+    backend, device = backend_device
+    cache = QuantizedKVCache(mode="fp8", group_size=G, residual=G, budget=3 * G)
+    k, v = (t.to(device) for t in _kv(1, 1, 120, 32))
+    for i in range(0, 120, 20):
+        cache.append(k[:, :, i:i + 20].contiguous(), v[:, :, i:i + 20].contiguous())
+        _, mass = decode_attention(_q(1, 2, 1, 32, seed=i).to(device), cache, return_mass=True, backend=backend)
+        cache.accumulate_mass(mass)
+    assert len(cache) <= 3 * G and cache.n_evicted > 0
+    _check_against_oracle(_q(1, 2, 1, 32).to(device), cache, backend)
+
+
+# --------------------------------------------------------------------------- bad inputs
+def _bad_calls():
+    cache = QuantizedKVCache(4, 4, group_size=G, residual=R)
+    k, v = _kv(1, 2, 40, 32)
+    cache.append(k, v)
+    q = _q(1, 4, 1, 32)
+    yield "cache", TypeError, lambda: decode_attention(q, object())
+    yield "q", TypeError, lambda: decode_attention(q.to(torch.int32), cache)
+    yield "q", ValueError, lambda: decode_attention(q[0], cache)
+    yield "nq", ValueError, lambda: decode_attention(_q(1, 4, 9, 32), cache)
+    yield "q", ValueError, lambda: decode_attention(_q(1, 4, 0, 32), cache)
+    yield "multiple of the cache's kv heads", ValueError, lambda: decode_attention(_q(1, 3, 1, 32), cache)
+    yield "batch", ValueError, lambda: decode_attention(_q(2, 4, 1, 32), cache)
+    yield "head dim", ValueError, lambda: decode_attention(_q(1, 4, 1, 64), cache)
+    yield "contiguous", ValueError, lambda: decode_attention(_q(1, 4, 32, 2).transpose(-1, -2)[:, :, :2], cache)
+    yield "scale", TypeError, lambda: decode_attention(q, cache, scale="x")
+    yield "return_mass", TypeError, lambda: decode_attention(q, cache, return_mass=1)
+    yield "backend must be one of", ValueError, lambda: decode_attention(q, cache, backend="fast")
+    yield "bits_k", ValueError, lambda: QuantizedKVCache(bits_k=3)
+    yield "bits_v", TypeError, lambda: QuantizedKVCache(bits_v=4.0)
+    yield "mode", ValueError, lambda: QuantizedKVCache(mode="int3")
+    yield "group_size", ValueError, lambda: QuantizedKVCache(group_size=48)
+    yield "key_axis", ValueError, lambda: QuantizedKVCache(key_axis=0)
+    yield "key_axis", ValueError, lambda: QuantizedKVCache(bits_k=2, group_size=8, key_axis=-2)
+    yield "residual", ValueError, lambda: QuantizedKVCache(residual=-1)
+    yield "budget", ValueError, lambda: QuantizedKVCache(budget=512)
+    yield "budget", ValueError, lambda: QuantizedKVCache(key_axis=-1, budget=100)
+    yield "v", ValueError, lambda: cache.append(k, v[:, :, :3])
+    yield "v", TypeError, lambda: cache.append(k, v.half())
+    yield "k", TypeError, lambda: cache.append(k.half(), v.half())
+    yield "k", ValueError, lambda: cache.append(k[:, :1], v[:, :1])
+    yield "k", ValueError, lambda: cache.append(k[0], v[0])
+    yield "k", TypeError, lambda: cache.append(k.to(torch.int64), v)
+    yield "group_size", ValueError, lambda: QuantizedKVCache(4, 4, 64, value_axis=-1).append(k, v)
+    yield "important", ValueError, lambda: QuantizedKVCache().append(k, v, important=torch.ones(3, dtype=torch.bool))
+    yield "important", TypeError, lambda: QuantizedKVCache().append(k, v, important=torch.ones(40))
+    yield "mass", ValueError, lambda: cache.accumulate_mass(torch.ones(1, 4, 7))
+    yield "empty", ValueError, lambda: QuantizedKVCache().accumulate_mass(torch.ones(1, 4, 7))
+
+
+@pytest.mark.parametrize("case", range(len(list(_bad_calls()))))
+def test_bad_inputs(case):
+    name, exc, call = list(_bad_calls())[case]
+    with pytest.raises(exc, match=name):
+        call()
+
+
+# --------------------------------------------------------------------------- registry / compile
+@pytest.mark.parametrize("mode", ["int", "fp8"])
+def test_opcheck(backend_device, mode):
+    backend, device = backend_device
+    cache = QuantizedKVCache(4, 2, group_size=G, residual=8, mode=mode)
+    _fill(cache, [45], B=1, Hk=2, D=32, device=device)
+    t = cache.tensors()
+    q = _q(1, 4, 2, 32).to(device)
+    for return_mass in (False, True):
+        args = (q, t["k_codes"], t["k_scale"], t["k_zero"], t["v_codes"], t["v_scale"], t["v_zero"], t["k_res"],
+                t["v_res"], cache.n_quant, cache.n_res, cache.mode, cache.bits_k, cache.bits_v, cache.group_size,
+                cache.key_axis, cache.value_axis, 0.2, return_mass, backend)
+        torch.library.opcheck(torch.ops.tokops.kv_decode_attention.default, args)
+
+
+def test_torch_compile_fullgraph():
+    cache = QuantizedKVCache(4, 4, group_size=G, residual=8)
+    _fill(cache, [50], B=1, Hk=2, D=32)
+    t = cache.tensors()
+
+    def step(q, kc, ks, kz, vc, vs, vz, kr, vr):
+        out, lse, mass = torch.ops.tokops.kv_decode_attention(q, kc, ks, kz, vc, vs, vz, kr, vr, cache.n_quant,
+                                                             cache.n_res, "int", 4, 4, G, -2, -1, 0.25, True, "torch")
+        return out * 2, mass.sum(-1)
+
+    args = (_q(1, 4, 1, 32), t["k_codes"], t["k_scale"], t["k_zero"], t["v_codes"], t["v_scale"], t["v_zero"],
+            t["k_res"], t["v_res"])
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    exp = step(*args)
+    torch.testing.assert_close(got, exp)
+
+
+# --------------------------------------------------------------------------- HuggingFace
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    ref = model.generate(ids, max_new_tokens=32, do_sample=False, past_key_values=transformers.DynamicCache(config=cfg))
+    return transformers, model, ids, ref
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return _tiny_llama()
+
+
+@pytest.mark.parametrize("fused,backend", [(False, "auto"), (True, "torch"), (True, "triton")])
+def test_hf_generate_8bit_matches_full_precision(tiny_llama, fused, backend):
+    transformers, model, ids, ref = tiny_llama
+    from tokops.kv.hf import TokopsQuantizedCache
+
+    if backend == "triton" and not tokops._registry.triton_interpreter() and not torch.cuda.is_available():
+        pytest.skip("triton needs a GPU or TRITON_INTERPRET=1")
+    model.set_attn_implementation("tokops_kv" if fused else "sdpa")
+    try:
+        cache = TokopsQuantizedCache(2, bits_k=8, bits_v=8, group_size=32, residual=16, fused=fused, backend=backend)
+        out = model.generate(ids, max_new_tokens=32, do_sample=False, past_key_values=cache)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert out.shape == ref.shape and torch.equal(out, ref)  # token for token, 32 steps
+    kv = cache.layers[0].kv
+    assert len(kv) == ref.shape[1] - 1 and kv.n_quant > 0  # part of the context really is quantized
+
+
+def test_hf_logit_error_by_bits(tiny_llama):
+    """Teacher-forced logits against a full-precision DynamicCache: error grows as bits shrink."""
+    transformers, model, ids, ref = tiny_llama
+    from tokops.kv.hf import TokopsQuantizedCache
+
+    def logits(cache):
+        out = [model(ref[:, :40], past_key_values=cache).logits[:, -1]]
+        for i in range(40, ref.shape[1] - 1):
+            out.append(model(ref[:, i:i + 1], past_key_values=cache).logits[:, -1])
+        return torch.stack(out, 1)
+
+    with torch.no_grad():
+        full = logits(transformers.DynamicCache(config=model.config))
+        err = {b: (logits(TokopsQuantizedCache(2, bits_k=b, bits_v=b, group_size=32, residual=16)) - full)
+               .abs().max().item() for b in (8, 4, 2)}
+    assert 0 < err[8] < err[4] < err[2] < full.abs().max().item(), err
+
+
+def test_select_batch_reorders_without_requantizing():
+    cache = QuantizedKVCache(4, 4, group_size=G, residual=8)
+    _fill(cache, [70], B=3, Hk=2, D=32)
+    k0, v0 = cache.dequantized(torch.float32)
+    idx = torch.tensor([2, 0, 0, 1])
+    cache.select_batch(idx)
+    k1, v1 = cache.dequantized(torch.float32)
+    assert torch.equal(k1, k0[idx]) and torch.equal(v1, v0[idx])
+    q = _q(4, 4, 1, 32)
+    torch.testing.assert_close(decode_attention(q, cache).double(), decode_attention_reference(q, cache)[0],
+                               atol=1e-5, rtol=1e-5)

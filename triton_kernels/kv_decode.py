@@ -1,0 +1,265 @@
+"""Triton fused decode attention over a quantized KV cache (flash-decoding).
+
+Three kernels:
+
+* ``_decode_partial_kernel``, grid ``(B * H_kv, S)``: program ``(bh, s)`` owns one kv head and *all*
+  its ``GQ = H / H_kv`` query heads times the ``nq`` new queries (``GQ * nq`` rows of one ``tl.dot``),
+  and one split of the sequence: the first ``S_q`` splits cover the quantized store (chunks of
+  ``chunk_q`` tokens), the remaining ones the full-precision residual window.  Key/value tiles are
+  dequantized in registers straight from the packed int32 codes + fp16 scales/zeros (or fp8 codes +
+  fp32 per-token scales); the whole cache is never dequantized into a temporary.  Online softmax in
+  fp32 (base 2), partial ``(m, l, acc)`` per split.
+* ``_merge_kernel``, one program per (b, h, query): LSE merge of the ``S`` splits -> ``out`` (input
+  dtype) and ``lse`` (fp32, natural log).
+* ``_mass_kernel`` (only with ``return_mass``), grid ``(B * H_kv, key blocks)``: recomputes the scores
+  of one key block for every query head of the kv head and sums ``exp(s - lse)`` over the ``nq``
+  queries -> per-key attention mass ``(B, H, L)`` fp32.
+
+Causal rule among the ``nq`` new queries: query ``i`` sees store indices ``j <= L - nq + i``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from tokops._registry import new_output
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _load_quant_tile(codes_ptr, scale_ptr, zero_ptr, bh, t, tmask, d, dmask, c_bh, s_bh, D, WD, NGD,
+                     FP8: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr):
+    """Dequantized fp32 tile ``(BN, BD)`` of tokens ``t`` of kv head ``bh`` (zeros where masked)."""
+    m2 = tmask[:, None] & dmask[None, :]
+    t2 = t[:, None].to(tl.int64)
+    d2 = d[None, :]
+    if FP8:
+        c = tl.load(codes_ptr + bh * c_bh + t2 * D + d2, mask=m2, other=0)
+        s = tl.load(scale_ptr + bh * s_bh + t.to(tl.int64), mask=tmask, other=0.0)
+        x = c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s[:, None]
+    else:
+        CPW: tl.constexpr = 32 // BITS
+        QMAX: tl.constexpr = (1 << BITS) - 1
+        if AXIS == -2:  # groups of G tokens per channel: words run along tokens
+            w = tl.load(codes_ptr + bh * c_bh + (t2 // CPW) * D + d2, mask=m2, other=0)
+            sh = ((t2 % CPW) * BITS).to(tl.uint32)
+            soff = bh * s_bh + (t2 // G) * D + d2
+        else:  # groups of G channels per token: words run along channels
+            w = tl.load(codes_ptr + bh * c_bh + t2 * WD + d2 // CPW, mask=m2, other=0)
+            sh = ((d2 % CPW) * BITS).to(tl.uint32)
+            soff = bh * s_bh + t2 * NGD + d2 // G
+        code = (w.to(tl.uint32, bitcast=True) >> sh) & QMAX
+        s = tl.load(scale_ptr + soff, mask=m2, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + soff, mask=m2, other=0.0).to(tl.float32)
+        x = code.to(tl.float32) * s + z
+    return x
+
+
+@triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr):
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@triton.jit
+def _online_update(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr):
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p, v, DOT_DTYPE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, m_ptr, l_ptr, acc_ptr,
+                           n_quant, n_res, L, NQ, GQ, HKV, H, qk_scale,
+                           kc_bh, ks_bh, vc_bh, vs_bh, kr_bh, kr_t, vr_bh, vr_t,
+                           D, K_WD, K_NGD, V_WD, V_NGD, n_qsplits, iters_q, iters_r, S,
+                           FP8: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, G: tl.constexpr,
+                           K_AXIS: tl.constexpr, V_AXIS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    rows = tl.arange(0, BM)
+    hh = rows // NQ
+    qi = rows % NQ
+    rmask = rows < GQ * NQ
+    qrow = (b * H + hk * GQ + hh) * NQ + qi  # flat (b, h, i) index, int64
+    d = tl.arange(0, BD)
+    dmask = d < D
+    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    limit = L - NQ + qi  # last store index query i may see
+    m_i = tl.full((BM,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, BD), tl.float32)
+    if split < n_qsplits:
+        start = split * (iters_q * BN)
+        end = tl.minimum(start + iters_q * BN, n_quant)
+        for j in range(0, iters_q):
+            t = start + j * BN + tl.arange(0, BN)
+            tmask = t < end
+            k = _load_quant_tile(kc, ks, kz, bh, t, tmask, d, dmask, kc_bh, ks_bh, D, K_WD, K_NGD,
+                                 FP8, BITS_K, G, K_AXIS)
+            s = _dot(q, tl.trans(k), DOT_DTYPE) * qk_scale
+            s = tl.where(tmask[None, :] & (t[None, :] <= limit[:, None]), s, float("-inf"))
+            v = _load_quant_tile(vc, vs, vz, bh, t, tmask, d, dmask, vc_bh, vs_bh, D, V_WD, V_NGD,
+                                 FP8, BITS_V, G, V_AXIS)
+            m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_DTYPE)
+    else:
+        start = (split - n_qsplits) * (iters_r * BN)
+        end = tl.minimum(start + iters_r * BN, n_res)
+        for j in range(0, iters_r):
+            t = start + j * BN + tl.arange(0, BN)
+            tmask = t < end
+            m2 = tmask[:, None] & dmask[None, :]
+            t2 = t[:, None].to(tl.int64)
+            k = tl.load(kr + bh * kr_bh + t2 * kr_t + d[None, :], mask=m2, other=0.0).to(tl.float32)
+            s = _dot(q, tl.trans(k), DOT_DTYPE) * qk_scale
+            s = tl.where(tmask[None, :] & ((n_quant + t)[None, :] <= limit[:, None]), s, float("-inf"))
+            v = tl.load(vr + bh * vr_bh + t2 * vr_t + d[None, :], mask=m2, other=0.0).to(tl.float32)
+            m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_DTYPE)
+    off = qrow * S + split
+    tl.store(m_ptr + off, m_i, mask=rmask)
+    tl.store(l_ptr + off, l_i, mask=rmask)
+    tl.store(acc_ptr + off[:, None] * D + d[None, :], acc, mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, S, D, BS: tl.constexpr, BD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BS)
+    smask = s < S
+    d = tl.arange(0, BD)
+    dmask = d < D
+    m = tl.load(m_ptr + row * S + s, mask=smask, other=float("-inf"))
+    l = tl.load(l_ptr + row * S + s, mask=smask, other=0.0)
+    mx = tl.max(m, 0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(m - mx_safe)
+    ltot = tl.sum(w * l, 0)
+    acc = tl.load(acc_ptr + (row * S + s)[:, None] * D + d[None, :], mask=smask[:, None] & dmask[None, :],
+                  other=0.0)
+    o = tl.sum(w[:, None] * acc, 0) / tl.where(ltot == 0.0, 1.0, ltot)
+    lse = tl.where(ltot == 0.0, float("-inf"), (mx_safe + tl.log2(tl.where(ltot == 0.0, 1.0, ltot))) * _LN2)
+    tl.store(out_ptr + row * D + d, o.to(out_ptr.dtype.element_ty), mask=dmask)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _mass_kernel(q_ptr, kc, ks, kz, kr, lse_ptr, mass_ptr, n_quant, n_res, L, NQ, GQ, HKV, H, qk_scale,
+                 kc_bh, ks_bh, kr_bh, kr_t, D, K_WD, K_NGD, n_qblocks,
+                 FP8: tl.constexpr, BITS_K: tl.constexpr, G: tl.constexpr, K_AXIS: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    d = tl.arange(0, BD)
+    dmask = d < D
+    if blk < n_qblocks:
+        t = blk * BN + tl.arange(0, BN)
+        tmask = t < n_quant
+        k = _load_quant_tile(kc, ks, kz, bh, t, tmask, d, dmask, kc_bh, ks_bh, D, K_WD, K_NGD,
+                             FP8, BITS_K, G, K_AXIS)
+        pos = t
+    else:
+        t = (blk - n_qblocks) * BN + tl.arange(0, BN)
+        tmask = t < n_res
+        k = tl.load(kr + bh * kr_bh + t[:, None].to(tl.int64) * kr_t + d[None, :],
+                    mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        pos = n_quant + t
+    qi = tl.arange(0, BQ)
+    qmask = qi < NQ
+    limit = L - NQ + qi
+    valid = qmask[:, None] & tmask[None, :] & (pos[None, :] <= limit[:, None])
+    for hh in range(0, GQ):
+        qrow = (b * H + hk * GQ + hh) * NQ + qi
+        q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=qmask[:, None] & dmask[None, :], other=0.0)
+        lse2 = tl.load(lse_ptr + qrow, mask=qmask, other=0.0) * _LOG2E
+        s = _dot(q, tl.trans(k), DOT_DTYPE) * qk_scale
+        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        mass = tl.sum(p, 0)
+        tl.store(mass_ptr + (b * H + hk * GQ + hh) * L + pos, mass, mask=tmask)
+
+
+_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _target_programs(device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return int(os.environ.get("TOKOPS_KV_DECODE_CPU_PROGRAMS", "16"))
+
+
+def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, n_quant: int,
+                     n_res: int, mode: str, bits_k: int, bits_v: int, group_size: int, key_axis: int,
+                     value_axis: int, scale: float, return_mass: bool):
+    B, H, NQ, D = q.shape
+    HKV = k_res.shape[1]
+    GQ = H // HKV
+    L = n_quant + n_res
+    dev = q.device
+    out = new_output((B, H, NQ, D), q.dtype, dev)
+    lse = new_output((B, H, NQ), torch.float32, dev)
+    mass = new_output((B, H, L if return_mass else 0), torch.float32, dev)
+    if L == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse, mass
+    fp8 = mode == "fp8"
+    if fp8:  # unused by the kernel; any pointer will do
+        k_zero, v_zero = k_scale, v_scale
+    interp = dev.type != "cuda"
+    BN = 32 if interp else 64
+    BD = max(16, triton.next_power_of_2(D))
+    BM = max(16, triton.next_power_of_2(GQ * NQ))
+    dot = _DOT[q.dtype]
+    # ---- splits: the quantized store in chunks of whole BN blocks, the residual in chunks of 256 tokens
+    n_qblocks = triton.cdiv(n_quant, BN)
+    if n_quant:
+        want = max(1, triton.cdiv(_target_programs(dev), B * HKV))
+        iters_q = triton.cdiv(n_qblocks, min(n_qblocks, want))
+        qsplits = triton.cdiv(n_qblocks, iters_q)
+    else:
+        iters_q, qsplits = 1, 0
+    iters_r = max(1, min(triton.cdiv(n_res, BN), 256 // BN))
+    rsplits = triton.cdiv(n_res, iters_r * BN)
+    S = qsplits + rsplits
+    m_part = torch.empty((B, H, NQ, S), dtype=torch.float32, device=dev)
+    l_part = torch.empty((B, H, NQ, S), dtype=torch.float32, device=dev)
+    acc_part = torch.empty((B, H, NQ, S, D), dtype=torch.float32, device=dev)
+    k_wd = D * bits_k // 32 if not fp8 else D
+    v_wd = D * bits_v // 32 if not fp8 else D
+    qk_scale = scale * _LOG2E
+    common = dict(FP8=fp8, G=group_size, DOT_DTYPE=dot, BN=BN, BD=BD)
+    _decode_partial_kernel[(B * HKV, S)](
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, m_part, l_part, acc_part,
+        n_quant, n_res, L, NQ, GQ, HKV, H, qk_scale,
+        k_codes.stride(1), k_scale.stride(1), v_codes.stride(1), v_scale.stride(1),
+        k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
+        D, k_wd, D // group_size, v_wd, D // group_size, qsplits, iters_q, iters_r, S,
+        BITS_K=bits_k, BITS_V=bits_v, K_AXIS=key_axis, V_AXIS=value_axis, BM=BM, **common)
+    _merge_kernel[(B * H * NQ,)](m_part, l_part, acc_part, out, lse, S, D,
+                                 BS=max(2, triton.next_power_of_2(S)), BD=BD)
+    if return_mass:
+        n_rblocks = triton.cdiv(n_res, BN)
+        _mass_kernel[(B * HKV, n_qblocks + n_rblocks)](
+            q, k_codes, k_scale, k_zero, k_res, lse, mass, n_quant, n_res, L, NQ, GQ, HKV, H, qk_scale,
+            k_codes.stride(1), k_scale.stride(1), k_res.stride(1), k_res.stride(2), D, k_wd, D // group_size,
+            n_qblocks, BITS_K=bits_k, K_AXIS=key_axis, BQ=max(16, triton.next_power_of_2(NQ)), **common)
+    return out, lse, mass
+
+
+__all__ = ["decode_attention"]
