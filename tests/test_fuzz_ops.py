@@ -1,0 +1,163 @@
+"""Fuzzing the attention and merging ops: each random input gives the reference answer or a clear
+``ValueError``/``TypeError`` (never a crash, never NaN from valid input)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tokops
+from tokops.attention import reference as aref
+from tokops.merge import reference as mref
+
+from conftest import runnable_backends
+
+BACKENDS = runnable_backends()
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _dtypes(backend, device):
+    interp = backend == "triton" and device == "cpu"
+    return [torch.float32, torch.float16] + ([] if interp else [torch.bfloat16])
+
+
+# --------------------------------------------------------------------------- attention
+@st.composite
+def attention_inputs(draw):
+    backend, device = draw(st.sampled_from(BACKENDS))
+    B = draw(st.integers(1, 2))
+    h_kv = draw(st.integers(1, 2))
+    H = h_kv * draw(st.integers(1, 2))
+    nq, nk = draw(st.integers(1, 70)), draw(st.integers(1, 70))
+    D = draw(st.sampled_from([16, 32, 64]))
+    block = draw(st.sampled_from([16, 32, 64]))
+    causal = draw(st.booleans())
+    dtype = draw(st.sampled_from(_dtypes(backend, device)))
+    bias = draw(st.sampled_from([None, "bh", "b"]))
+    density = draw(st.floats(0.0, 1.0))
+    return backend, device, B, H, h_kv, nq, nk, D, block, causal, dtype, bias, density, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(attention_inputs())
+def test_block_sparse_attention_fuzz(args):
+    backend, device, B, H, h_kv, nq, nk, D, block, causal, dtype, bias, density, seed = args
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, nq, D, generator=g).to(dtype)
+    k = torch.randn(B, h_kv, nk, D, generator=g).to(dtype)
+    v = torch.randn(B, h_kv, nk, D, generator=g).to(dtype)
+    dense = torch.rand(B, H, math.ceil(nq / block), math.ceil(nk / block), generator=g) < density
+    key_bias = None if bias is None else torch.randn((B, H, nk) if bias == "bh" else (B, nk), generator=g)
+    out, lse = tokops.attention.block_sparse_attention(
+        q.to(device), k.to(device), v.to(device), dense.to(device), causal=causal,
+        key_bias=None if key_bias is None else key_bias.to(device), return_lse=True, block_q=block, block_k=block,
+        backend=backend)
+    mask = tokops.attention.BlockMask.from_dense(dense, block, block, nq, nk)
+    exp_out, exp_lse = aref.attention(q, k, v, mask.kv_num_blocks, mask.kv_indices, block, block, causal,
+                                      D ** -0.5, key_bias)
+    assert not out.isnan().any() and not lse.isnan().any()
+    tol = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(out.cpu().double(), exp_out, atol=tol, rtol=tol)
+    finite = torch.isfinite(exp_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    torch.testing.assert_close(lse.cpu().double()[finite], exp_lse[finite], atol=tol, rtol=tol)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(st.data())
+def test_attention_bad_inputs_fuzz(data):
+    """Random malformed arguments: a clear error naming the argument, never a crash."""
+    B, H, N, D = 1, 2, 20, 16
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    which = data.draw(st.sampled_from(["q_dtype", "k_shape", "v_shape", "gqa", "bias_shape", "bias_dtype",
+                                       "mask_shape", "mask_dtype", "causal", "scale", "q_ndim", "block"]))
+    kwargs = {}
+    mask = None
+    if which == "q_dtype":
+        q = q.double()
+    elif which == "k_shape":
+        k = torch.randn(B, H, N, D + 1)
+    elif which == "v_shape":
+        v = torch.randn(B, H, N + 1, D)
+    elif which == "gqa":
+        k, v = torch.randn(B, 3, N, D), torch.randn(B, 3, N, D)
+    elif which == "bias_shape":
+        kwargs["key_bias"] = torch.randn(B, N + data.draw(st.integers(1, 5)))
+    elif which == "bias_dtype":
+        kwargs["key_bias"] = torch.randn(B, N).double()
+    elif which == "mask_shape":
+        mask = torch.ones(B, H, data.draw(st.integers(2, 4)), 7, dtype=torch.bool)
+    elif which == "mask_dtype":
+        mask = torch.ones(B, H, 1, 1, dtype=torch.int32)
+    elif which == "causal":
+        kwargs["causal"] = 1
+    elif which == "scale":
+        kwargs["scale"] = data.draw(st.sampled_from([float("nan"), "0.1", float("inf")]))
+    elif which == "q_ndim":
+        q = q[0]
+    elif which == "block":
+        kwargs["block_q"] = data.draw(st.sampled_from([3, 0, 48]))
+    with pytest.raises((ValueError, TypeError)):
+        tokops.attention.block_sparse_attention(q, k, v, mask, **kwargs)
+
+
+# --------------------------------------------------------------------------- merging
+@st.composite
+def merge_inputs(draw):
+    backend, device = draw(st.sampled_from(BACKENDS))
+    B = draw(st.integers(1, 3))
+    N = draw(st.integers(1, 60))
+    C = draw(st.sampled_from([4, 8, 24, 64]))
+    r = draw(st.one_of(st.integers(-2, 40), st.floats(0.0, 1.0)))
+    class_token = draw(st.booleans())
+    dtype = draw(st.sampled_from(_dtypes(backend, device)))
+    return backend, device, B, N, C, r, class_token, dtype, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(merge_inputs())
+def test_tome_merge_fuzz(args):
+    backend, device, B, N, C, r, class_token, dtype, seed = args
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(B, N, C, generator=g).to(dtype)
+    x = torch.randn(B, N, C, generator=g).to(dtype)
+    try:
+        m = tokops.merge.bipartite_soft_matching(metric.to(device), r, class_token=class_token, backend=backend)
+    except (ValueError, TypeError) as e:
+        assert "r" in str(e), e
+        assert isinstance(r, int) and r < 0 or isinstance(r, float), (r, e)
+        return
+    merged, size = tokops.merge.merge_wavg(m, x.to(device), backend=backend)
+    r_int = r if isinstance(r, int) else math.floor(r * N)
+    rm = mref.bipartite_soft_matching(metric, r_int, class_token=class_token)
+    exp, exp_size = mref.merge_wavg(rm, x.float())
+    assert merged.shape == exp.shape and not merged.isnan().any()
+    torch.testing.assert_close(size.cpu().float(), exp_size)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(merged.cpu().float(), exp, atol=tol, rtol=tol)
+    back = tokops.merge.unmerge(m, merged, backend=backend)
+    assert back.shape == x.shape
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(st.sampled_from(BACKENDS), st.integers(2, 40), st.floats(0.05, 0.5), st.integers(0, 2**16))
+def test_tome_padded_rows_match_rows_alone(backend_device, N, r, seed):
+    """Padded batches: every row gives what the row alone gives (fraction r of its valid tokens)."""
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(seed)
+    lens = [N, max(1, N // 2), max(1, N // 3)]
+    metric = torch.randn(3, N, 16, generator=g)
+    x = torch.randn(3, N, 16, generator=g)
+    valid = torch.arange(N)[None, :] < torch.tensor(lens)[:, None]
+    m = tokops.merge.bipartite_soft_matching(metric.to(device), r, class_token=True, valid=valid.to(device),
+                                             backend=backend)
+    merged, size = tokops.merge.merge_wavg(m, x.to(device), backend=backend)
+    for i, n in enumerate(lens):
+        mi = tokops.merge.bipartite_soft_matching(metric[i:i + 1, :n].to(device), r, class_token=True, backend=backend)
+        alone, alone_size = tokops.merge.merge_wavg(mi, x[i:i + 1, :n].to(device), backend=backend)
+        k = alone.shape[1]
+        torch.testing.assert_close(merged[i:i + 1, :k].cpu(), alone.cpu(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(size[i:i + 1, :k].cpu(), alone_size.cpu())
+        assert (size[i, k:] == 0).all() and (merged[i, k:] == 0).all()
