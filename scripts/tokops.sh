@@ -65,19 +65,21 @@ build_ext() {
 }
 
 package_check() {
+  # sdist -> wheel built from the sdist -> installed into a FRESH venv -> tests run against it.
   local tmp
   tmp=$(mktemp -d)
-  log "sdist -> wheel from the sdist -> tests against the installed wheel (in $tmp)"
+  log "sdist -> wheel from the sdist -> fresh venv -> tests (in $tmp)"
   python -m build --sdist --no-isolation --outdir "$tmp/dist" .
   (cd "$tmp" && tar xzf dist/tokops-*.tar.gz)
   python -m pip wheel -q --no-build-isolation --no-deps -w "$tmp/wheels" "$tmp"/tokops-*/
-  python -m pip install -q --no-deps --target "$tmp/site" "$tmp"/wheels/tokops-*.whl
-  (cd "$tmp"/tokops-*/ && PYTHONPATH="$tmp/site" python - <<'PY'
-import tokops, json
-assert tokops.__file__.startswith(__import__("os").environ["PYTHONPATH"]), tokops.__file__
+  python3 -m venv "$tmp/venv"
+  "$tmp/venv/bin/python" -m pip install -q "$TORCH_SPEC" "triton>=3.6" pytest hypothesis numpy "$tmp"/wheels/tokops-*.whl
+  (cd "$tmp"/tokops-*/ && rm -rf python triton_kernels && "$tmp/venv/bin/python" - <<'PY'
+import json, tokops
+assert "site-packages" in tokops.__file__, tokops.__file__
 print(json.dumps({k: tokops.info()[k] for k in ("tokops", "extension", "cuda_compiled", "cuda_archs")}))
 PY
-   PYTHONPATH="$tmp/site" python -m pytest -q -p no:cacheprovider tests/test_build.py tests/test_kv_quant.py -k "not inductor")
+   "$tmp/venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_build.py tests/test_kv_quant.py -k "not inductor")
   rm -rf "$tmp"
 }
 
