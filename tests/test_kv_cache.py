@@ -448,3 +448,38 @@ def test_select_batch_reorders_without_requantizing():
     q = _q(4, 4, 1, 32)
     torch.testing.assert_close(decode_attention(q, cache).double(), decode_attention_reference(q, cache)[0],
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for CPU tensors")
+def test_cuda_backend_on_cpu_is_a_clear_error():
+    cache = QuantizedKVCache(4, 4, group_size=G, residual=8)
+    _fill(cache, [40], B=1, Hk=1, D=32)
+    with pytest.raises((ValueError, tokops.BackendUnavailableError), match="backend='cuda'"):
+        decode_attention(_q(1, 2, 1, 32), cache, backend="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_decode_rejects_bad_input_directly():
+    if not tokops.cuda_compiled():
+        pytest.skip("CUDA kernels not built")
+    cache = QuantizedKVCache(4, 4, group_size=G, residual=8)
+    _fill(cache, [60], B=1, Hk=2, D=32, device="cuda")
+    t = cache.tensors()
+    args = [_q(1, 4, 1, 32).cuda(), t["k_codes"], t["k_scale"], t["k_zero"], t["v_codes"], t["v_scale"], t["v_zero"],
+            t["k_res"], t["v_res"], cache.n_quant, cache.n_res, "int", 4, 4, G, -2, -1, 0.2, False]
+    bad = list(args)
+    bad[9] = cache.capacity + 64  # more quantized tokens than the buffers hold
+    with pytest.raises(RuntimeError, match="too small"):
+        torch.ops.tokops.kv_decode_attention_cuda(*bad)
+    bad = list(args)
+    bad[0] = _q(1, 4, 1, 48).cuda()
+    with pytest.raises(RuntimeError, match="head dim"):
+        torch.ops.tokops.kv_decode_attention_cuda(*bad)
+    # a head dim the CUDA kernel lacks: backend="auto" falls back to Triton, explicit "cuda" is a clear error
+    c48 = QuantizedKVCache(4, 4, group_size=16, residual=8)
+    _fill(c48, [60], B=1, Hk=1, D=48, device="cuda")
+    q48 = _q(1, 2, 1, 48).cuda()
+    torch.testing.assert_close(decode_attention(q48, c48).double().cpu(),
+                               decode_attention_reference(q48, c48)[0].cpu(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="head dim"):
+        decode_attention(q48, c48, backend="cuda")
