@@ -483,3 +483,20 @@ def test_cuda_decode_rejects_bad_input_directly():
                                decode_attention_reference(q48, c48)[0].cpu(), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="head dim"):
         decode_attention(q48, c48, backend="cuda")
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_public_decode(compiler):
+    """decode_attention(q, cache) traces without graph breaks (the cache is read, not modified)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = QuantizedKVCache(4, 2, group_size=G, residual=8)
+    _fill(cache, [50], B=1, Hk=2, D=32, device=device)
+
+    def step(q):
+        out, mass = decode_attention(q, cache, return_mass=True)
+        return out.float() * 2, mass
+
+    q = _q(1, 4, 2, 32).to(device)
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend=compiler)(q)
+    torch.testing.assert_close(got, step(q))
