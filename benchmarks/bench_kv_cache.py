@@ -37,11 +37,11 @@ def _dequant_all(cache: QuantizedKVCache, dtype):
 
 
 def _case(device, B, H, Hk, L, D, bits, group_size, residual):
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     dtype = torch.float16
-    k = torch.randn(B, Hk, L, D, generator=g).to(device, dtype)
-    v = torch.randn(B, Hk, L, D, generator=g).to(device, dtype)
-    q = torch.randn(B, H, 1, D, generator=g).to(device, dtype)
+    k = torch.randn(B, Hk, L, D, generator=g, device=device, dtype=dtype)
+    v = torch.randn(B, Hk, L, D, generator=g, device=device, dtype=dtype)
+    q = torch.randn(B, H, 1, D, generator=g, device=device, dtype=dtype)
     cache = QuantizedKVCache(bits, bits, group_size=group_size, residual=residual)
     cache.append(k, v)  # one prefill: the store is allocated at exactly its size (contiguous views)
     scale = D ** -0.5
