@@ -500,3 +500,26 @@ def test_torch_compile_public_decode(compiler):
     torch._dynamo.reset()
     got = torch.compile(step, fullgraph=True, backend=compiler)(q)
     torch.testing.assert_close(got, step(q))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_decode_allocates_no_dequantized_copy(backend):
+    """The fused kernels never materialise the dequantized cache: peak extra memory of one decode
+    stays far below the size of an fp16 copy of K and V."""
+    if backend == "cuda" and not tokops.cuda_compiled():
+        pytest.skip("CUDA kernels not built")
+    cache = QuantizedKVCache(4, 4, group_size=32, residual=128)
+    k, v = (t.cuda() for t in _kv(1, 4, 8192, 128, torch.float16))
+    cache.append(k, v)
+    del k, v
+    q = _q(1, 16, 1, 128, torch.float16).cuda()
+    decode_attention(q, cache, backend=backend)  # warm up (compile)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    decode_attention(q, cache, backend=backend)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    fp16_copy = 2 * 1 * 4 * 8192 * 128 * 2
+    assert extra < fp16_copy / 16, (extra, fp16_copy)
