@@ -6,7 +6,8 @@ Per case, three implementations (the first is the baseline):
   quantization; reads 16-bit K and V);
 * ``dequant_sdpa``: the HuggingFace ``QuantizedCache`` way: dequantize the whole quantized cache
   into fp16 temporaries (``tokops.kv.dequantize``), concatenate the residual window, then SDPA;
-* ``tokops_fused``: ``tokops.kv.decode_attention`` (split-K over the packed codes, no temporary).
+* ``tokops_fused``: ``tokops.kv.decode_attention`` (split-K over the packed codes, no temporary;
+  ``auto`` backend), and on a GPU ``tokops_triton`` / ``tokops_cuda`` (each backend explicitly).
 
 ``bytes`` is what the fused decode must move: packed KV + scales + zeros + residual window + q/out
 (``extra["fp16_bytes"]`` is what the dense baseline moves).
@@ -36,11 +37,11 @@ def _dequant_all(cache: QuantizedKVCache, dtype):
 
 
 def _case(device, B, H, Hk, L, D, bits, group_size, residual):
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     dtype = torch.float16
-    k = torch.randn(B, Hk, L, D, generator=g).to(device, dtype)
-    v = torch.randn(B, Hk, L, D, generator=g).to(device, dtype)
-    q = torch.randn(B, H, 1, D, generator=g).to(device, dtype)
+    k = torch.randn(B, Hk, L, D, generator=g, device=device, dtype=dtype)
+    v = torch.randn(B, Hk, L, D, generator=g, device=device, dtype=dtype)
+    q = torch.randn(B, H, 1, D, generator=g, device=device, dtype=dtype)
     cache = QuantizedKVCache(bits, bits, group_size=group_size, residual=residual)
     cache.append(k, v)  # one prefill: the store is allocated at exactly its size (contiguous views)
     scale = D ** -0.5
@@ -55,11 +56,22 @@ def _case(device, B, H, Hk, L, D, bits, group_size, residual):
     def tokops_fused():
         return decode_attention(q, cache, scale=scale)
 
+    def tokops_triton():
+        return decode_attention(q, cache, scale=scale, backend="triton")
+
+    def tokops_cuda():
+        return decode_attention(q, cache, scale=scale, backend="cuda")
+
     io = 2 * q.numel() * q.element_size()
+    fns = {"sdpa_fp16": sdpa_fp16, "dequant_sdpa": dequant_sdpa, "tokops_fused": tokops_fused}
+    if device == "cuda":
+        fns["tokops_triton"] = tokops_triton
+        if tokops.cuda_compiled():
+            fns["tokops_cuda"] = tokops_cuda
     return Case(
         family="kv", name=f"decode int{bits} G={group_size} R={residual}",
         params=dict(B=B, H=H, H_kv=Hk, L=L, D=D, bits=bits, group_size=group_size, residual=residual),
-        fns={"sdpa_fp16": sdpa_fp16, "dequant_sdpa": dequant_sdpa, "tokops_fused": tokops_fused},
+        fns=fns,
         bytes=cache.memory_bytes() + io,
         notes="bytes: packed KV + scales + zeros + residual + q/out (fused decode)",
         extra={"fp16_bytes": 2 * k.numel() * k.element_size() + io,

@@ -33,9 +33,14 @@ _LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _load_quant_tile(codes_ptr, scale_ptr, zero_ptr, bh, t, tmask, d, dmask, c_bh, s_bh, D, WD, NGD,
-                     FP8: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr):
-    """Dequantized fp32 tile ``(BN, BD)`` of tokens ``t`` of kv head ``bh`` (zeros where masked)."""
+def _load_quant_tile(codes_ptr, scale_ptr, zero_ptr, bh, t0, end, d, dmask, c_bh, s_bh, D, WD, NGD,
+                     FP8: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr,
+                     BN: tl.constexpr, BD: tl.constexpr):
+    """Dequantized fp32 tile ``(BN, BD)`` of tokens ``[t0, t0 + BN)`` (``t0`` a multiple of ``BN``) of
+    kv head ``bh``; zeros at tokens ``>= end``.  Each int32 word is loaded once and unpacked in
+    registers (shift + mask + reshape)."""
+    t = t0 + tl.arange(0, BN)
+    tmask = t < end
     m2 = tmask[:, None] & dmask[None, :]
     t2 = t[:, None].to(tl.int64)
     d2 = d[None, :]
@@ -46,18 +51,26 @@ def _load_quant_tile(codes_ptr, scale_ptr, zero_ptr, bh, t, tmask, d, dmask, c_b
     else:
         CPW: tl.constexpr = 32 // BITS
         QMAX: tl.constexpr = (1 << BITS) - 1
-        if AXIS == -2:  # groups of G tokens per channel: words run along tokens
-            w = tl.load(codes_ptr + bh * c_bh + (t2 // CPW) * D + d2, mask=m2, other=0)
-            sh = ((t2 % CPW) * BITS).to(tl.uint32)
+        shifts = (tl.arange(0, CPW) * BITS).to(tl.uint32)
+        if AXIS == -2:  # groups of G tokens per channel: word w holds tokens [w*CPW, (w+1)*CPW)
+            NW: tl.constexpr = BN // CPW
+            w = t0 // CPW + tl.arange(0, NW)
+            words = tl.load(codes_ptr + bh * c_bh + w[:, None].to(tl.int64) * D + d2,
+                            mask=(w * CPW < end)[:, None] & dmask[None, :], other=0)
+            q3 = (words.to(tl.uint32, bitcast=True)[:, None, :] >> shifts[None, :, None]) & QMAX
+            code = tl.reshape(q3, (BN, BD))
             soff = bh * s_bh + (t2 // G) * D + d2
-        else:  # groups of G channels per token: words run along channels
-            w = tl.load(codes_ptr + bh * c_bh + t2 * WD + d2 // CPW, mask=m2, other=0)
-            sh = ((d2 % CPW) * BITS).to(tl.uint32)
+        else:  # groups of G channels per token: word w of a token holds channels [w*CPW, (w+1)*CPW)
+            BW: tl.constexpr = BD // CPW
+            w = tl.arange(0, BW)
+            words = tl.load(codes_ptr + bh * c_bh + t2 * WD + w[None, :],
+                            mask=tmask[:, None] & (w < WD)[None, :], other=0)
+            q3 = (words.to(tl.uint32, bitcast=True)[:, :, None] >> shifts[None, None, :]) & QMAX
+            code = tl.reshape(q3, (BN, BD))
             soff = bh * s_bh + t2 * NGD + d2 // G
-        code = (w.to(tl.uint32, bitcast=True) >> sh) & QMAX
         s = tl.load(scale_ptr + soff, mask=m2, other=0.0).to(tl.float32)
         z = tl.load(zero_ptr + soff, mask=m2, other=0.0).to(tl.float32)
-        x = code.to(tl.float32) * s + z
+        x = tl.where(m2, code.to(tl.float32) * s + z, 0.0)
     return x
 
 
@@ -108,14 +121,15 @@ def _decode_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, m_ptr, l_ptr, 
         start = split * (iters_q * BN)
         end = tl.minimum(start + iters_q * BN, n_quant)
         for j in range(0, iters_q):
-            t = start + j * BN + tl.arange(0, BN)
+            t0 = start + j * BN
+            t = t0 + tl.arange(0, BN)
             tmask = t < end
-            k = _load_quant_tile(kc, ks, kz, bh, t, tmask, d, dmask, kc_bh, ks_bh, D, K_WD, K_NGD,
-                                 FP8, BITS_K, G, K_AXIS)
+            k = _load_quant_tile(kc, ks, kz, bh, t0, end, d, dmask, kc_bh, ks_bh, D, K_WD, K_NGD,
+                                 FP8, BITS_K, G, K_AXIS, BN, BD)
             s = _dot(q, tl.trans(k), DOT_DTYPE) * qk_scale
             s = tl.where(tmask[None, :] & (t[None, :] <= limit[:, None]), s, float("-inf"))
-            v = _load_quant_tile(vc, vs, vz, bh, t, tmask, d, dmask, vc_bh, vs_bh, D, V_WD, V_NGD,
-                                 FP8, BITS_V, G, V_AXIS)
+            v = _load_quant_tile(vc, vs, vz, bh, t0, end, d, dmask, vc_bh, vs_bh, D, V_WD, V_NGD,
+                                 FP8, BITS_V, G, V_AXIS, BN, BD)
             m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_DTYPE)
     else:
         start = (split - n_qsplits) * (iters_r * BN)
@@ -171,8 +185,8 @@ def _mass_kernel(q_ptr, kc, ks, kz, kr, lse_ptr, mass_ptr, n_quant, n_res, L, NQ
     if blk < n_qblocks:
         t = blk * BN + tl.arange(0, BN)
         tmask = t < n_quant
-        k = _load_quant_tile(kc, ks, kz, bh, t, tmask, d, dmask, kc_bh, ks_bh, D, K_WD, K_NGD,
-                             FP8, BITS_K, G, K_AXIS)
+        k = _load_quant_tile(kc, ks, kz, bh, blk * BN, n_quant, d, dmask, kc_bh, ks_bh, D, K_WD, K_NGD,
+                             FP8, BITS_K, G, K_AXIS, BN, BD)
         pos = t
     else:
         t = (blk - n_qblocks) * BN + tl.arange(0, BN)

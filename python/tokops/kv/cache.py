@@ -97,6 +97,7 @@ class QuantizedKVCache:
         self.n_quant = 0
         self.n_res = 0
         self.n_evicted = 0
+        self._n_pinned = 0
         self._shape = None  # (B, H_kv, D), dtype, device after the first append
 
     # ------------------------------------------------------------------ properties
@@ -129,7 +130,8 @@ class QuantizedKVCache:
 
     @property
     def n_pinned(self) -> int:
-        return int(self._r_pin[: self.n_res].sum()) if self.initialized else 0
+        """Tokens pinned in full precision by ``append(..., important=)`` (they never leave the residual)."""
+        return self._n_pinned
 
     # ------------------------------------------------------------------ allocation
     def _alloc_store(self, cap: int):
@@ -249,17 +251,19 @@ class QuantizedKVCache:
         pos = torch.arange(self._next_pos, self._next_pos + n, device=dev)
         self._next_pos += n
         pin = important.to(dev) if important is not None else torch.zeros(n, dtype=torch.bool, device=dev)
+        if important is not None:
+            self._n_pinned += int(important.sum())
         kr = torch.cat([self._k_res[:, :, : self.n_res], k], 2)
         vr = torch.cat([self._v_res[:, :, : self.n_res], v], 2)
         rpos = torch.cat([self._r_pos[: self.n_res], pos])
         rpin = torch.cat([self._r_pin[: self.n_res], pin])
         B, H, D = self._shape
         rscore = torch.cat([self._r_score[..., : self.n_res], torch.zeros(B, H, n, device=dev)], 2)
-        unpinned = (~rpin).nonzero().flatten()
-        c = unpinned.numel()
+        c = rpin.numel() - self._n_pinned
         nf = (max(0, c - self.residual) // self.group_size) * self.group_size
         if nf:
-            if bool(rpin.any()):
+            if self._n_pinned:
+                unpinned = (~rpin).nonzero().flatten()
                 fidx = unpinned[:nf]
                 keep = torch.ones(rpin.numel(), dtype=torch.bool, device=dev)
                 keep[fidx] = False

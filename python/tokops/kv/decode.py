@@ -17,7 +17,9 @@ Op ``tokops::kv_decode_attention`` takes the cache's buffers (capacity-sized; on
 
 Backends: ``torch`` dequantizes the valid tokens and runs dense fp32 attention (reference path);
 ``triton`` is the fused kernel (``triton_kernels/kv_decode.py``) that reads the packed codes and
-scales directly, never building a dequantized copy.  :func:`decode_attention_reference` is the
+scales directly, never building a dequantized copy; ``cuda`` (``csrc/kv/decode_cuda.cu``) is the
+same scheme in CUDA C++ for head dims 32/64/128/256 with q in the cache's dtype (``auto`` falls
+back to Triton otherwise).  :func:`decode_attention_reference` is the
 float64 oracle used by the tests.
 """
 
@@ -157,6 +159,8 @@ _decode_op = reg.define(
     _decode_fake)
 reg.implements("kv_decode_attention", "torch", _torch_decode)
 reg.implements("kv_decode_attention", "triton", "tokops.triton_kernels.kv_decode:decode_attention")
+reg.implements("kv_decode_attention", "cuda", reg.cuda_op("kv_decode_attention"))
+CUDA_HEAD_DIMS = (32, 64, 128, 256)
 
 
 def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, scale: float | None = None,
@@ -175,6 +179,16 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, scale: float |
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     be = reg.resolve_backend("kv_decode_attention", backend, q.device)
+    if be == "cuda" and cache.initialized:
+        why = None
+        if q.shape[-1] not in CUDA_HEAD_DIMS:
+            why = f"head dim {q.shape[-1]} (the CUDA kernel supports {CUDA_HEAD_DIMS})"
+        elif q.dtype != cache.dtype:
+            why = f"q dtype {q.dtype} != cache dtype {cache.dtype}"
+        if why is not None:
+            if backend == "cuda":
+                raise ValueError(f"q: backend='cuda' cannot run this call: {why}; use backend='triton'")
+            be = "triton"
     if not cache.initialized:
         B, H, nq, D = q.shape
         out = torch.zeros_like(q)
