@@ -59,6 +59,7 @@ FWD_CASES = [
     (1, 4, 2, 150, 150, 64, 128, 128, True, None),  # GQA, mask block 128 tiled by the kernel
     (2, 2, 1, 90, 200, 32, 64, 128, False, 2),  # MQA, Nq != Nk, head dim 32
     (1, 2, 2, 200, 130, 128, 128, 64, True, 2),  # head dim 128, bottom-right causal with Nq > Nk
+    (1, 2, 2, 50, 50, 8, 64, 64, True, None),  # tiny head dim (padded to the 16-wide dot)
 ]
 
 
