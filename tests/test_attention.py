@@ -77,9 +77,7 @@ def test_forward_matches_reference(backend_device, case, dtype):
     cpu = [t.cpu() if t is not None else None for t in (q, k, v, bias)]
     args = (mask.kv_num_blocks.cpu(), mask.kv_indices.cpu(), bq, bk, causal, D ** -0.5, cpu[3])
     exp_out, exp_lse = ref.attention(*cpu[:3], *args)
-    base_out, base_lse = ref.attention(*cpu[:3], *args, dtype=dtype if dtype != torch.bfloat16 else torch.float32)
-    if dtype == torch.bfloat16:
-        base_out = base_out.to(dtype)
+    base_out, _ = ref.attention(*cpu[:3], *args, dtype=dtype)  # the same computation in torch, in dtype
     assert not out.isnan().any() and not lse.isnan().any()
     _check_close(out, exp_out, base_out, FLOORS[dtype])
     empty = torch.isinf(exp_lse)
@@ -175,10 +173,8 @@ def test_gradients_low_precision(backend_device, dtype):
         return torch.autograd.grad((ro * gout.cpu().to(dt)).sum(), rl)
 
     exp = run(torch.float64)
-    base = run(torch.float32 if dtype == torch.bfloat16 else dtype)
+    base = run(dtype)
     for name, got, e, b in zip(("dq", "dk", "dv", "dbias"), grads, exp, base):
-        if dtype == torch.bfloat16:
-            b = b.to(dtype)
         _check_close(got, e, b, 2e-2 if dtype == torch.bfloat16 else 3e-3)
 
 
@@ -379,11 +375,12 @@ def test_opcheck(backend_device):
     torch.library.opcheck(torch.ops.tokops.block_sparse_attn_fwd.default, args)
     out, lse = torch.ops.tokops.block_sparse_attn_fwd(*args)
     qn, qi = m.transpose()
+    be = "triton" if backend == "cuda" else backend  # the CUDA backend's backward / mass are the Triton kernels
     bargs = (torch.randn_like(out), q, k, v, out, lse, None, m.kv_num_blocks, m.kv_indices, qn, qi, 16, 16, True,
-             D ** -0.5, bias, backend)
+             D ** -0.5, bias, be)
     torch.library.opcheck(torch.ops.tokops.block_sparse_attn_bwd.default, bargs)
     torch.library.opcheck(torch.ops.tokops.attn_key_mass.default,
-                          (q, k, lse, qn, qi, 16, 16, True, D ** -0.5, bias, backend))
+                          (q, k, lse, qn, qi, 16, 16, True, D ** -0.5, bias, be))
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -454,3 +451,42 @@ def test_triton_split_kv_forward(num_splits):
                                          32, 128, causal, D ** -0.5, bias.cpu())
         torch.testing.assert_close(out.cpu().double(), exp_out, atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(lse.cpu().double(), exp_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D,block", [(64, 64), (128, 128), (64, 128)])
+def test_cuda_forward_kernel(dtype, D, block):
+    """The CUDA kernel itself (called directly, so no silent Triton fallback) against the reference."""
+    if not tokops.cuda_compiled():
+        pytest.skip("CUDA kernels not built")
+    B, H, Hkv, Nq, Nk = 2, 4, 2, 300, 333
+    for causal, bias_dim in ((False, 3), (True, 2), (True, None)):
+        q, k, v, bias = _inputs(B, H, Hkv, Nq, Nk, D, dtype, "cuda", seed=D + block, bias_dim=bias_dim)
+        dense = _random_dense(B, H, math.ceil(Nq / block), math.ceil(Nk / block), seed=block)
+        m = BlockMask.from_dense(dense.cuda(), block, block, Nq, Nk)
+        out, lse = torch.ops.tokops.block_sparse_attn_fwd_cuda(q, k, v, m.kv_num_blocks, m.kv_indices, block, block,
+                                                               causal, D ** -0.5, bias)
+        cpu_bias = None if bias is None else bias.cpu()
+        args = (m.kv_num_blocks.cpu(), m.kv_indices.cpu(), block, block, causal, D ** -0.5, cpu_bias)
+        exp_out, exp_lse = ref.attention(q.cpu(), k.cpu(), v.cpu(), *args)
+        base_out, _ = ref.attention(q.cpu(), k.cpu(), v.cpu(), *args, dtype=dtype)
+        _check_close(out, exp_out, base_out, FLOORS[dtype])
+        assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(exp_lse))
+        fin = ~torch.isinf(exp_lse)
+        assert (lse.cpu()[fin].double() - exp_lse[fin]).abs().max() < 1e-2
+
+
+@pytest.mark.cuda
+def test_cuda_forward_kernel_rejects_bad_input_directly():
+    if not tokops.cuda_compiled():
+        pytest.skip("CUDA kernels not built")
+    q, k, v, _ = _inputs(1, 2, 2, 64, 64, 64, torch.float16, "cuda")
+    m = causal_block_mask(64, block_q=64, device="cuda")
+    with pytest.raises(RuntimeError, match="head dim"):
+        torch.ops.tokops.block_sparse_attn_fwd_cuda(q[..., :32].contiguous(), k[..., :32].contiguous(),
+                                                    v[..., :32].contiguous(), m.kv_num_blocks, m.kv_indices, 64, 64,
+                                                    False, 1.0, None)
+    with pytest.raises(RuntimeError, match="kv_indices"):
+        torch.ops.tokops.block_sparse_attn_fwd_cuda(q, k, v, m.kv_num_blocks, m.kv_indices.long(), 64, 64, False,
+                                                    1.0, None)

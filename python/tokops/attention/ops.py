@@ -100,6 +100,37 @@ reg.implements("block_sparse_attn_bwd", "triton", "tokops.triton_kernels.block_s
 reg.implements("attn_key_mass", "triton", "tokops.triton_kernels.block_sparse_attn:key_mass")
 
 
+def cuda_kernel_supports(q, k, v, block_q: int, block_k: int) -> bool:
+    """Cases the CUDA forward kernel covers (fp16/bf16, head dim 64/128, mask blocks multiple of 64,
+    16-byte aligned data, sm_80+); the CUDA backend runs the Triton kernel for everything else."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
+        return False
+    if block_q % 64 or block_k % 64:
+        return False
+    if any(t.data_ptr() % 16 for t in (q, k, v)):
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] >= 8
+
+
+_fwd_cuda_kernel = reg.cuda_op("block_sparse_attn_fwd")
+
+
+def _fwd_cuda(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias):
+    if cuda_kernel_supports(q, k, v, block_q, block_k):
+        return _fwd_cuda_kernel(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias)
+    from tokops.triton_kernels import block_sparse_attn as triton_impl
+
+    return triton_impl.fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias)
+
+
+# The CUDA backend has a forward kernel only; its backward and key-mass passes are the Triton kernels.
+reg.implements("block_sparse_attn_fwd", "cuda", _fwd_cuda)
+
+
+def _companion_backend(backend: str) -> str:
+    return "triton" if backend == "cuda" else backend
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, num, idx, block_q, block_k, causal, scale, key_bias, backend = inputs
     out, lse = output
@@ -115,7 +146,7 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     qn, qi = transpose_csr(num, idx)
     dq, dk, dv, dbias = _bwd_op(dout, q, k, v, out, lse, dlse, num, idx, qn, qi, block_q, block_k, causal, scale,
-                                key_bias, backend)
+                                key_bias, _companion_backend(backend))
     if ctx.bias_dim is None:
         dbias = None
     elif ctx.bias_dim == 2:
@@ -169,7 +200,8 @@ def attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
                        key_bias, be)
     qn, qi = transpose_csr(mask.kv_num_blocks, mask.kv_indices)
     kb = None if key_bias is None else key_bias.detach()
-    mass = _mass_op(q.detach(), k.detach(), lse.detach(), qn, qi, mask.block_q, mask.block_k, causal, scale, kb, be)
+    mass = _mass_op(q.detach(), k.detach(), lse.detach(), qn, qi, mask.block_q, mask.block_k, causal, scale, kb,
+                    _companion_backend(be))
     return out, mass
 
 
