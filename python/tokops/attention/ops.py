@@ -53,12 +53,12 @@ def _check_attention(q, k, v, key_bias, scale, causal) -> float:
     return float(scale)
 
 
-def _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k) -> tuple[BlockMask, float]:
+def _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask) -> tuple[BlockMask, float]:
     scale = _check_attention(q, k, v, key_bias, scale, causal)
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     mask = as_block_mask(mask, Nq, Nk, block_q, block_k, q.device)
-    validate_mask(mask, B, H, Nq, Nk, q.device, read_values=not torch.compiler.is_compiling())
+    validate_mask(mask, B, H, Nq, Nk, q.device, read_values=check_mask and not torch.compiler.is_compiling())
     return mask, scale
 
 
@@ -161,7 +161,7 @@ torch.library.register_autograd("tokops::block_sparse_attn_fwd", _backward, setu
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, causal: bool = False,
                            scale: float | None = None, key_bias: torch.Tensor | None = None,
                            return_lse: bool = False, block_q: int | None = None, block_k: int | None = None,
-                           backend: str = "auto"):
+                           check_mask: bool = True, backend: str = "auto"):
     """Block-sparse softmax attention.
 
     ``q: (B, H, Nq, D)``, ``k, v: (B, H_kv, Nk, D)`` (fp16/bf16/fp32, contiguous, ``H % H_kv == 0``
@@ -172,10 +172,13 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     keys of the allowed blocks only, plus ``j <= i + Nk - Nq`` when ``causal``.  A row with no allowed
     key gives 0 (and ``lse = -inf``), never NaN.
 
+    ``check_mask`` validates the mask *values* (indices in range, no repeats; one host sync per call,
+    skipped under ``torch.compile``); pass ``False`` for a mask you built and checked once.
+
     Returns ``out (B, H, Nq, D)`` in the input dtype, and ``lse (B, H, Nq)`` fp32 (natural log) with
     ``return_lse``.  Differentiable in ``q``, ``k``, ``v`` and ``key_bias`` (and through ``lse``).
     """
-    mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k)
+    mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask)
     be = reg.resolve_backend("block_sparse_attn_fwd", backend, q.device)
     out, lse = _fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_q, mask.block_k, causal, scale,
                        key_bias, be)
@@ -184,7 +187,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
 def attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, causal: bool = False,
                             scale: float | None = None, key_bias: torch.Tensor | None = None,
-                            block_q: int | None = None, block_k: int | None = None, backend: str = "auto"):
+                            block_q: int | None = None, block_k: int | None = None, check_mask: bool = True,
+                            backend: str = "auto"):
     """Attention output plus the attention mass each key receives.
 
     Same arguments as :func:`block_sparse_attention`.  Returns ``(out, mass)`` with
@@ -194,7 +198,7 @@ def attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     backward with ``dO = 1``).  ``out`` is differentiable; ``mass`` is not (it is a statistic, e.g. for
     H2O / SnapKV style KV eviction or ToMe/PiToMe-style token importance).
     """
-    mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k)
+    mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask)
     be = reg.resolve_backend("block_sparse_attn_fwd", backend, q.device)
     out, lse = _fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_q, mask.block_k, causal, scale,
                        key_bias, be)
@@ -226,4 +230,5 @@ def decode_attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if not isinstance(k, torch.Tensor) or k.dim() != 4:
         raise ValueError(f"k must be a (B, H_kv, Nk, D) tensor, got {getattr(k, 'shape', type(k).__name__)}")
     mask = full_block_mask(nq, k.shape[2], block_q=bq, block_k=block_k, device=q.device)
-    return attention_with_key_mass(q, k, v, mask, causal=causal, scale=scale, key_bias=key_bias, backend=backend)
+    return attention_with_key_mass(q, k, v, mask, causal=causal, scale=scale, key_bias=key_bias, check_mask=False,
+                                   backend=backend)
