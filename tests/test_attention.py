@@ -490,3 +490,48 @@ def test_cuda_forward_kernel_rejects_bad_input_directly():
     with pytest.raises(RuntimeError, match="kv_indices"):
         torch.ops.tokops.block_sparse_attn_fwd_cuda(q, k, v, m.kv_num_blocks, m.kv_indices.long(), 64, 64, False,
                                                     1.0, None)
+
+
+_AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tokops.triton_kernels import block_sparse_attn as m
+
+def build(fn, ptrs, consts, floats=(), warps=4, stages=2):
+    sig = {n: "constexpr" if n in consts else ("*" + ptrs[n] if n in ptrs else ("fp32" if n in floats else "i32"))
+           for n in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 80, 32),
+                   options={"num_warps": warps, "num_stages": stages})
+
+dt = "fp16"
+for bd, bm, dt in ((128, 128, "fp16"), (64, 16, "bf16")):
+    c = dict(BLOCK_Q=max(bm, 64) if bm > 16 else 16, BLOCK_K=128, BN=64, BD=bd, CAUSAL=True, HAS_BIAS=True, PREC="tf32")
+    build(m._fwd_kernel, dict(Q=dt, K=dt, V=dt, Bias="fp32", Out=dt, Lse="fp32", KVN="i32", KVI="i32", PAcc="fp32",
+                              PM="fp32", PL="fp32"), dict(c, BM=bm, SPLIT=True), ("qk_scale",), 8, 3)
+    build(m._bwd_dq_kernel, dict(Q=dt, K=dt, V=dt, Bias="fp32", DO=dt, Lse="fp32", Delta="fp32", DQ=dt, KVN="i32",
+                                 KVI="i32"), dict(c, BM=min(bm, 64)), ("qk_scale", "scale"))
+    build(m._bwd_dkdv_kernel, dict(Q=dt, K=dt, V=dt, Bias="fp32", DO=dt, Lse="fp32", Delta="fp32", DK=dt, DV=dt,
+                                   DBias="fp32", QN="i32", QI="i32"), dict(c, BM=min(bm, 32)), ("qk_scale", "scale"))
+    build(m._mass_kernel, dict(Q=dt, K=dt, Bias="fp32", Lse="fp32", Mass="fp32", QN="i32", QI="i32"),
+          dict(c, BM=min(bm, 64)), ("qk_scale",))
+    build(m._combine_kernel, dict(PAcc="fp32", PM="fp32", PL="fp32", Out=dt, Lse="fp32"), dict(BM=16, BD=bd))
+    build(m._delta_kernel, dict(O=dt, DO=dt, Delta="fp32"), dict(BM=64, BD=bd))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+def test_triton_kernels_compile_for_gpu():
+    """The interpreter does not run Triton's GPU compiler: compile every kernel for sm_80 (fp16 and
+    bf16, head dims 128/64, causal + bias + split, the decode tile) in a process without
+    TRITON_INTERPRET, so code that only the real compiler rejects is caught without a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    if not tokops.triton_available():
+        pytest.skip("needs triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
