@@ -535,3 +535,26 @@ def test_triton_kernels_compile_for_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+def test_token_select_per_head_and_causal(backend_device):
+    backend, device = backend_device
+    B, H, N, D = 1, 2, 130, 32
+    q, k, v, _ = _inputs(B, H, 1, N, N, D, torch.float32, device, seed=12)
+    keep = torch.rand(B, H, N, generator=torch.Generator().manual_seed(4)) < 0.4
+    keep[..., 0] = True
+    mask, bias = token_select_mask(keep.to(device), N, block_q=64, causal=True)
+    assert bias.shape == (B, H, N) and mask.kv_indices.shape[:2] == (B, H)
+    out = block_sparse_attention(q, k, v, mask, causal=True, key_bias=bias, backend=backend)
+    s = q.cpu().double() @ k.cpu().double().transpose(-1, -2) * D ** -0.5
+    allowed = keep[:, :, None, :] & causal_token_mask(N, N)
+    p = s.masked_fill(~allowed, float("-inf")).softmax(-1)
+    torch.testing.assert_close(out.cpu().double(), p @ v.cpu().double(), atol=2e-6, rtol=1e-5)
+
+
+def test_check_mask_false_skips_only_value_checks():
+    q, k, v, _ = _inputs(1, 1, 1, 64, 64, 16, torch.float32, "cpu")
+    m = full_block_mask(64, block_q=64)
+    assert torch.equal(block_sparse_attention(q, k, v, m, check_mask=False), block_sparse_attention(q, k, v, m))
+    with pytest.raises(TypeError, match="mask.kv_indices"):  # shapes and dtypes are always checked
+        block_sparse_attention(q, k, v, m._replace(kv_indices=m.kv_indices.long()), check_mask=False)
