@@ -59,7 +59,7 @@ def _attention_fns(q, k, v, mask, causal, device):
         return {"sdpa_dense": sdpa, "tokops_torch": lambda: tokops.attention.block_sparse_attention(
             q, k, v, mask, causal=causal, backend="torch")}
     return {"sdpa_dense": sdpa, "flex": _flex_fn(q, k, v, mask, causal),
-            "tokops": lambda: tokops.attention.block_sparse_attention(q, k, v, mask, causal=causal)}
+            "tokops": lambda: tokops.attention.block_sparse_attention(q, k, v, mask, causal=causal, check_mask=False)}
 
 
 def _mass_fns(q, k, v, n, device):
@@ -67,7 +67,8 @@ def _mass_fns(q, k, v, n, device):
 
     mask = tokops.attention.causal_block_mask(n, device=device)
     return {"sdpa_dense": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
-            "tokops_with_mass": lambda: tokops.attention.attention_with_key_mass(q, k, v, mask, causal=True)}
+            "tokops_with_mass": lambda: tokops.attention.attention_with_key_mass(q, k, v, mask, causal=True,
+                                                                                  check_mask=False)}
 
 
 def cases(device: str, quick: bool) -> list[Case]:
@@ -109,4 +110,34 @@ def cases(device: str, quick: bool) -> list[Case]:
             out.append(Case("attention", "attention + per-key mass (causal)", dict(B=B, H=H, N=n, D=D, causal=True),
                             _mass_fns(q, k, v, n, device), flops=4 * B * H * n * n * D * 0.5 * 1.5,
                             notes="tokops computes the output and the key mass (an extra QK^T pass)"))
+    out += _decode_cases(device, quick)
+    return out
+
+
+def _decode_fns(q, k, v, device):
+    import tokops
+
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    be = "torch" if device == "cpu" else "auto"
+    return {"sdpa_dense": sdpa,
+            "tokops_decode_with_mass": lambda: tokops.attention.decode_attention_with_key_mass(q, k, v, backend=be)}
+
+
+def _decode_cases(device: str, quick: bool) -> list[Case]:
+    """One decode step (1 query) against a long KV cache, GQA, with the per-key mass (H2O/SnapKV-style
+    eviction statistics); bytes = K + V + q + out."""
+    if device == "cpu":
+        configs, H, Hkv, D, dtype = [512], 4, 2, 64, torch.float32
+    else:
+        configs, H, Hkv, D, dtype = ([16384] if quick else [16384, 65536]), 32, 8, 128, torch.bfloat16
+    out = []
+    g = torch.Generator(device="cpu").manual_seed(1)
+    for n in configs:
+        q = torch.randn(1, H, 1, D, generator=g).to(dtype).to(device)
+        k, v = (torch.randn(1, Hkv, n, D, generator=g).to(dtype).to(device) for _ in range(2))
+        nbytes = (k.numel() + v.numel() + 2 * q.numel()) * k.element_size()
+        out.append(Case("attention", "decode attention + per-key mass", dict(B=1, H=H, H_kv=Hkv, Nk=n, D=D,
+                                                                           dtype=str(dtype).replace("torch.", "")),
+                        _decode_fns(q, k, v, device), bytes=nbytes, flops=4 * H * n * D,
+                        notes="tokops also returns the per-key mass (a second pass over K)"))
     return out

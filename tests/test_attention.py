@@ -59,6 +59,7 @@ FWD_CASES = [
     (1, 4, 2, 150, 150, 64, 128, 128, True, None),  # GQA, mask block 128 tiled by the kernel
     (2, 2, 1, 90, 200, 32, 64, 128, False, 2),  # MQA, Nq != Nk, head dim 32
     (1, 2, 2, 200, 130, 128, 128, 64, True, 2),  # head dim 128, bottom-right causal with Nq > Nk
+    (1, 2, 2, 50, 50, 8, 64, 64, True, None),  # tiny head dim (padded to the 16-wide dot)
 ]
 
 
@@ -76,9 +77,7 @@ def test_forward_matches_reference(backend_device, case, dtype):
     cpu = [t.cpu() if t is not None else None for t in (q, k, v, bias)]
     args = (mask.kv_num_blocks.cpu(), mask.kv_indices.cpu(), bq, bk, causal, D ** -0.5, cpu[3])
     exp_out, exp_lse = ref.attention(*cpu[:3], *args)
-    base_out, base_lse = ref.attention(*cpu[:3], *args, dtype=dtype if dtype != torch.bfloat16 else torch.float32)
-    if dtype == torch.bfloat16:
-        base_out = base_out.to(dtype)
+    base_out, _ = ref.attention(*cpu[:3], *args, dtype=dtype)  # the same computation in torch, in dtype
     assert not out.isnan().any() and not lse.isnan().any()
     _check_close(out, exp_out, base_out, FLOORS[dtype])
     empty = torch.isinf(exp_lse)
@@ -174,10 +173,8 @@ def test_gradients_low_precision(backend_device, dtype):
         return torch.autograd.grad((ro * gout.cpu().to(dt)).sum(), rl)
 
     exp = run(torch.float64)
-    base = run(torch.float32 if dtype == torch.bfloat16 else dtype)
+    base = run(dtype)
     for name, got, e, b in zip(("dq", "dk", "dv", "dbias"), grads, exp, base):
-        if dtype == torch.bfloat16:
-            b = b.to(dtype)
         _check_close(got, e, b, 2e-2 if dtype == torch.bfloat16 else 3e-3)
 
 
@@ -378,11 +375,12 @@ def test_opcheck(backend_device):
     torch.library.opcheck(torch.ops.tokops.block_sparse_attn_fwd.default, args)
     out, lse = torch.ops.tokops.block_sparse_attn_fwd(*args)
     qn, qi = m.transpose()
+    be = "triton" if backend == "cuda" else backend  # the CUDA backend's backward / mass are the Triton kernels
     bargs = (torch.randn_like(out), q, k, v, out, lse, None, m.kv_num_blocks, m.kv_indices, qn, qi, 16, 16, True,
-             D ** -0.5, bias, backend)
+             D ** -0.5, bias, be)
     torch.library.opcheck(torch.ops.tokops.block_sparse_attn_bwd.default, bargs)
     torch.library.opcheck(torch.ops.tokops.attn_key_mass.default,
-                          (q, k, lse, qn, qi, 16, 16, True, D ** -0.5, bias, backend))
+                          (q, k, lse, qn, qi, 16, 16, True, D ** -0.5, bias, be))
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -453,3 +451,110 @@ def test_triton_split_kv_forward(num_splits):
                                          32, 128, causal, D ** -0.5, bias.cpu())
         torch.testing.assert_close(out.cpu().double(), exp_out, atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(lse.cpu().double(), exp_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D,block", [(64, 64), (128, 128), (64, 128)])
+def test_cuda_forward_kernel(dtype, D, block):
+    """The CUDA kernel itself (called directly, so no silent Triton fallback) against the reference."""
+    if not tokops.cuda_compiled():
+        pytest.skip("CUDA kernels not built")
+    B, H, Hkv, Nq, Nk = 2, 4, 2, 300, 333
+    for causal, bias_dim in ((False, 3), (True, 2), (True, None)):
+        q, k, v, bias = _inputs(B, H, Hkv, Nq, Nk, D, dtype, "cuda", seed=D + block, bias_dim=bias_dim)
+        dense = _random_dense(B, H, math.ceil(Nq / block), math.ceil(Nk / block), seed=block)
+        m = BlockMask.from_dense(dense.cuda(), block, block, Nq, Nk)
+        out, lse = torch.ops.tokops.block_sparse_attn_fwd_cuda(q, k, v, m.kv_num_blocks, m.kv_indices, block, block,
+                                                               causal, D ** -0.5, bias)
+        cpu_bias = None if bias is None else bias.cpu()
+        args = (m.kv_num_blocks.cpu(), m.kv_indices.cpu(), block, block, causal, D ** -0.5, cpu_bias)
+        exp_out, exp_lse = ref.attention(q.cpu(), k.cpu(), v.cpu(), *args)
+        base_out, _ = ref.attention(q.cpu(), k.cpu(), v.cpu(), *args, dtype=dtype)
+        _check_close(out, exp_out, base_out, FLOORS[dtype])
+        assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(exp_lse))
+        fin = ~torch.isinf(exp_lse)
+        assert (lse.cpu()[fin].double() - exp_lse[fin]).abs().max() < 1e-2
+
+
+@pytest.mark.cuda
+def test_cuda_forward_kernel_rejects_bad_input_directly():
+    if not tokops.cuda_compiled():
+        pytest.skip("CUDA kernels not built")
+    q, k, v, _ = _inputs(1, 2, 2, 64, 64, 64, torch.float16, "cuda")
+    m = causal_block_mask(64, block_q=64, device="cuda")
+    with pytest.raises(RuntimeError, match="head dim"):
+        torch.ops.tokops.block_sparse_attn_fwd_cuda(q[..., :32].contiguous(), k[..., :32].contiguous(),
+                                                    v[..., :32].contiguous(), m.kv_num_blocks, m.kv_indices, 64, 64,
+                                                    False, 1.0, None)
+    with pytest.raises(RuntimeError, match="kv_indices"):
+        torch.ops.tokops.block_sparse_attn_fwd_cuda(q, k, v, m.kv_num_blocks, m.kv_indices.long(), 64, 64, False,
+                                                    1.0, None)
+
+
+_AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from tokops.triton_kernels import block_sparse_attn as m
+
+def build(fn, ptrs, consts, floats=(), warps=4, stages=2):
+    sig = {n: "constexpr" if n in consts else ("*" + ptrs[n] if n in ptrs else ("fp32" if n in floats else "i32"))
+           for n in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 80, 32),
+                   options={"num_warps": warps, "num_stages": stages})
+
+dt = "fp16"
+for bd, bm, dt in ((128, 128, "fp16"), (64, 16, "bf16")):
+    c = dict(BLOCK_Q=max(bm, 64) if bm > 16 else 16, BLOCK_K=128, BN=64, BD=bd, CAUSAL=True, HAS_BIAS=True, PREC="tf32")
+    build(m._fwd_kernel, dict(Q=dt, K=dt, V=dt, Bias="fp32", Out=dt, Lse="fp32", KVN="i32", KVI="i32", PAcc="fp32",
+                              PM="fp32", PL="fp32"), dict(c, BM=bm, SPLIT=True), ("qk_scale",), 8, 3)
+    build(m._bwd_dq_kernel, dict(Q=dt, K=dt, V=dt, Bias="fp32", DO=dt, Lse="fp32", Delta="fp32", DQ=dt, KVN="i32",
+                                 KVI="i32"), dict(c, BM=min(bm, 64)), ("qk_scale", "scale"))
+    build(m._bwd_dkdv_kernel, dict(Q=dt, K=dt, V=dt, Bias="fp32", DO=dt, Lse="fp32", Delta="fp32", DK=dt, DV=dt,
+                                   DBias="fp32", QN="i32", QI="i32"), dict(c, BM=min(bm, 32)), ("qk_scale", "scale"))
+    build(m._mass_kernel, dict(Q=dt, K=dt, Bias="fp32", Lse="fp32", Mass="fp32", QN="i32", QI="i32"),
+          dict(c, BM=min(bm, 64)), ("qk_scale",))
+    build(m._combine_kernel, dict(PAcc="fp32", PM="fp32", PL="fp32", Out=dt, Lse="fp32"), dict(BM=16, BD=bd))
+    build(m._delta_kernel, dict(O=dt, DO=dt, Delta="fp32"), dict(BM=64, BD=bd))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels")
+def test_triton_kernels_compile_for_gpu():
+    """The interpreter does not run Triton's GPU compiler: compile every kernel for sm_80 (fp16 and
+    bf16, head dims 128/64, causal + bias + split, the decode tile) in a process without
+    TRITON_INTERPRET, so code that only the real compiler rejects is caught without a GPU."""
+    import os
+    import subprocess
+    import sys
+
+    if not tokops.triton_available():
+        pytest.skip("needs triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+def test_token_select_per_head_and_causal(backend_device):
+    backend, device = backend_device
+    B, H, N, D = 1, 2, 130, 32
+    q, k, v, _ = _inputs(B, H, 1, N, N, D, torch.float32, device, seed=12)
+    keep = torch.rand(B, H, N, generator=torch.Generator().manual_seed(4)) < 0.4
+    keep[..., 0] = True
+    mask, bias = token_select_mask(keep.to(device), N, block_q=64, causal=True)
+    assert bias.shape == (B, H, N) and mask.kv_indices.shape[:2] == (B, H)
+    out = block_sparse_attention(q, k, v, mask, causal=True, key_bias=bias, backend=backend)
+    s = q.cpu().double() @ k.cpu().double().transpose(-1, -2) * D ** -0.5
+    allowed = keep[:, :, None, :] & causal_token_mask(N, N)
+    p = s.masked_fill(~allowed, float("-inf")).softmax(-1)
+    torch.testing.assert_close(out.cpu().double(), p @ v.cpu().double(), atol=2e-6, rtol=1e-5)
+
+
+def test_check_mask_false_skips_only_value_checks():
+    q, k, v, _ = _inputs(1, 1, 1, 64, 64, 16, torch.float32, "cpu")
+    m = full_block_mask(64, block_q=64)
+    assert torch.equal(block_sparse_attention(q, k, v, m, check_mask=False), block_sparse_attention(q, k, v, m))
+    with pytest.raises(TypeError, match="mask.kv_indices"):  # shapes and dtypes are always checked
+        block_sparse_attention(q, k, v, m._replace(kv_indices=m.kv_indices.long()), check_mask=False)

@@ -327,7 +327,7 @@ def _prec(dtype):
 
 def _tiles(block_q: int, block_k: int, D: int, kind: str):
     """(BM, BN, num_warps, num_stages). BM | block_q and BN | block_k."""
-    bd = triton.next_power_of_2(D)
+    bd = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16; padded channels are masked
     if triton_interpreter():  # bigger tiles = fewer interpreted steps
         return min(64, block_q), min(64, block_k), bd, 4, 1
     if kind == "fwd":
@@ -408,7 +408,7 @@ def _delta(out, dout, dlse):
     do = dout.reshape(B * H, Nq, D)
     BM = 64
     _delta_kernel[(triton.cdiv(Nq, BM), B * H)](o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1),
-                                                 Nq, D, BM=BM, BD=triton.next_power_of_2(D))
+                                                 Nq, D, BM=BM, BD=max(16, triton.next_power_of_2(D)))
     if dlse is not None:
         delta = delta - dlse
     return delta
@@ -425,6 +425,7 @@ def bwd(dout, q, k, v, out, lse, dlse, kv_num_blocks, kv_indices, q_num_blocks, 
     dv = new_output(v.shape, v.dtype, v.device)
     bias, sbb, sbh, has_bias = _bias_args(key_bias, q)
     dbias = new_output((B, H, Nk) if has_bias else (0,), torch.float32, q.device)
+    dbias_arg = dbias if has_bias else bias  # never hand Triton a 0-element (null) pointer
     num = kv_num_blocks.expand(B, H, -1)
     idx = kv_indices.expand(B, H, -1, -1)
     qn = q_num_blocks.expand(B, H, -1)
@@ -439,7 +440,7 @@ def bwd(dout, q, k, v, out, lse, dlse, kv_num_blocks, kv_indices, q_num_blocks, 
         BM=BM, BN=BN, BD=BD, num_warps=warps, num_stages=stages, **common)
     BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dkdv")
     _bwd_dkdv_kernel[(triton.cdiv(Nk, BN), B * Hkv)](
-        q, k, v, bias, dout, lse, delta, dk, dv, dbias, qn, qi,
+        q, k, v, bias, dout, lse, delta, dk, dv, dbias_arg, qn, qi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
         sbb, sbh, *qn.stride(), *qi.stride()[:3],
         H, Hkv, H // Hkv, Nq, Nk, D, Nk - Nq, _qk_scale(scale), scale,

@@ -192,18 +192,21 @@ def validate_mask(mask: BlockMask, B: int, H: int, q_len: int, k_len: int, devic
         raise ValueError(f"mask.kv_indices must be contiguous in its last dim, got strides {idx.stride()}")
     if not read_values:
         return
-    lo, hi = int(num.min()), int(num.max())
-    if lo < 0 or hi > nk:
-        raise ValueError(f"mask.kv_num_blocks must be in [0, {nk}], got values in [{lo}, {hi}]")
+    # one host sync for all value checks; the details are computed only when something is wrong
     used = torch.arange(nk, device=idx.device) < num.unsqueeze(-1)
-    vals = idx[used]
-    if vals.numel():
-        lo, hi = int(vals.min()), int(vals.max())
-        if lo < 0 or hi >= nk:
-            raise ValueError(f"mask.kv_indices out of range: key block indices must be in [0, {nk}), "
-                             f"got values in [{lo}, {hi}]")
-        if int(csr_to_dense(num, idx).sum()) != int(num.sum()):
-            raise ValueError("mask.kv_indices: a key block is listed twice in one row")
+    bad_num = (num < 0) | (num > nk)
+    bad_idx = used & ((idx < 0) | (idx >= nk))
+    numc = num.clamp(0, nk)
+    dup = csr_to_dense(numc, idx.clamp(0, nk - 1)).sum(-1, dtype=torch.int32) != numc
+    flags = torch.stack([bad_num.any(), bad_idx.any(), dup.any()]).tolist()
+    if flags[0]:
+        raise ValueError(f"mask.kv_num_blocks must be in [0, {nk}], got values in [{int(num.min())}, {int(num.max())}]")
+    if flags[1]:
+        vals = idx[used]
+        raise ValueError(f"mask.kv_indices out of range: key block indices must be in [0, {nk}), "
+                         f"got values in [{int(vals.min())}, {int(vals.max())}]")
+    if flags[2]:
+        raise ValueError("mask.kv_indices: a key block is listed twice in one row")
 
 
 def as_block_mask(mask, q_len: int, k_len: int, block_q: int | None = None, block_k: int | None = None,

@@ -53,12 +53,12 @@ def _check_attention(q, k, v, key_bias, scale, causal) -> float:
     return float(scale)
 
 
-def _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k) -> tuple[BlockMask, float]:
+def _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask) -> tuple[BlockMask, float]:
     scale = _check_attention(q, k, v, key_bias, scale, causal)
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     mask = as_block_mask(mask, Nq, Nk, block_q, block_k, q.device)
-    validate_mask(mask, B, H, Nq, Nk, q.device, read_values=not torch.compiler.is_compiling())
+    validate_mask(mask, B, H, Nq, Nk, q.device, read_values=check_mask and not torch.compiler.is_compiling())
     return mask, scale
 
 
@@ -100,6 +100,37 @@ reg.implements("block_sparse_attn_bwd", "triton", "tokops.triton_kernels.block_s
 reg.implements("attn_key_mass", "triton", "tokops.triton_kernels.block_sparse_attn:key_mass")
 
 
+def cuda_kernel_supports(q, k, v, block_q: int, block_k: int) -> bool:
+    """Cases the CUDA forward kernel covers (fp16/bf16, head dim 64/128, mask blocks multiple of 64,
+    16-byte aligned data, sm_80+); the CUDA backend runs the Triton kernel for everything else."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
+        return False
+    if block_q % 64 or block_k % 64:
+        return False
+    if any(t.data_ptr() % 16 for t in (q, k, v)):
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] >= 8
+
+
+_fwd_cuda_kernel = reg.cuda_op("block_sparse_attn_fwd")
+
+
+def _fwd_cuda(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias):
+    if cuda_kernel_supports(q, k, v, block_q, block_k):
+        return _fwd_cuda_kernel(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias)
+    from tokops.triton_kernels import block_sparse_attn as triton_impl
+
+    return triton_impl.fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias)
+
+
+# The CUDA backend has a forward kernel only; its backward and key-mass passes are the Triton kernels.
+reg.implements("block_sparse_attn_fwd", "cuda", _fwd_cuda)
+
+
+def _companion_backend(backend: str) -> str:
+    return "triton" if backend == "cuda" else backend
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, num, idx, block_q, block_k, causal, scale, key_bias, backend = inputs
     out, lse = output
@@ -115,7 +146,7 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     qn, qi = transpose_csr(num, idx)
     dq, dk, dv, dbias = _bwd_op(dout, q, k, v, out, lse, dlse, num, idx, qn, qi, block_q, block_k, causal, scale,
-                                key_bias, backend)
+                                key_bias, _companion_backend(backend))
     if ctx.bias_dim is None:
         dbias = None
     elif ctx.bias_dim == 2:
@@ -130,7 +161,7 @@ torch.library.register_autograd("tokops::block_sparse_attn_fwd", _backward, setu
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, causal: bool = False,
                            scale: float | None = None, key_bias: torch.Tensor | None = None,
                            return_lse: bool = False, block_q: int | None = None, block_k: int | None = None,
-                           backend: str = "auto"):
+                           check_mask: bool = True, backend: str = "auto"):
     """Block-sparse softmax attention.
 
     ``q: (B, H, Nq, D)``, ``k, v: (B, H_kv, Nk, D)`` (fp16/bf16/fp32, contiguous, ``H % H_kv == 0``
@@ -141,10 +172,13 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     keys of the allowed blocks only, plus ``j <= i + Nk - Nq`` when ``causal``.  A row with no allowed
     key gives 0 (and ``lse = -inf``), never NaN.
 
+    ``check_mask`` validates the mask *values* (indices in range, no repeats; one host sync per call,
+    skipped under ``torch.compile``); pass ``False`` for a mask you built and checked once.
+
     Returns ``out (B, H, Nq, D)`` in the input dtype, and ``lse (B, H, Nq)`` fp32 (natural log) with
     ``return_lse``.  Differentiable in ``q``, ``k``, ``v`` and ``key_bias`` (and through ``lse``).
     """
-    mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k)
+    mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask)
     be = reg.resolve_backend("block_sparse_attn_fwd", backend, q.device)
     out, lse = _fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_q, mask.block_k, causal, scale,
                        key_bias, be)
@@ -153,7 +187,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
 def attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, causal: bool = False,
                             scale: float | None = None, key_bias: torch.Tensor | None = None,
-                            block_q: int | None = None, block_k: int | None = None, backend: str = "auto"):
+                            block_q: int | None = None, block_k: int | None = None, check_mask: bool = True,
+                            backend: str = "auto"):
     """Attention output plus the attention mass each key receives.
 
     Same arguments as :func:`block_sparse_attention`.  Returns ``(out, mass)`` with
@@ -163,13 +198,14 @@ def attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     backward with ``dO = 1``).  ``out`` is differentiable; ``mass`` is not (it is a statistic, e.g. for
     H2O / SnapKV style KV eviction or ToMe/PiToMe-style token importance).
     """
-    mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k)
+    mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask)
     be = reg.resolve_backend("block_sparse_attn_fwd", backend, q.device)
     out, lse = _fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_q, mask.block_k, causal, scale,
                        key_bias, be)
     qn, qi = transpose_csr(mask.kv_num_blocks, mask.kv_indices)
     kb = None if key_bias is None else key_bias.detach()
-    mass = _mass_op(q.detach(), k.detach(), lse.detach(), qn, qi, mask.block_q, mask.block_k, causal, scale, kb, be)
+    mass = _mass_op(q.detach(), k.detach(), lse.detach(), qn, qi, mask.block_q, mask.block_k, causal, scale, kb,
+                    _companion_backend(be))
     return out, mass
 
 
@@ -194,4 +230,5 @@ def decode_attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if not isinstance(k, torch.Tensor) or k.dim() != 4:
         raise ValueError(f"k must be a (B, H_kv, Nk, D) tensor, got {getattr(k, 'shape', type(k).__name__)}")
     mask = full_block_mask(nq, k.shape[2], block_q=bq, block_k=block_k, device=q.device)
-    return attention_with_key_mass(q, k, v, mask, causal=causal, scale=scale, key_bias=key_bias, backend=backend)
+    return attention_with_key_mass(q, k, v, mask, causal=causal, scale=scale, key_bias=key_bias, check_mask=False,
+                                   backend=backend)
