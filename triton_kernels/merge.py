@@ -188,7 +188,7 @@ def segment_reduce(x: torch.Tensor, slot, order, offsets, mode: str):
     out = new_output((B, n_out, C), x.dtype, x.device)
     if B * n_out == 0:
         return out
-    bc = min(triton.next_power_of_2(C), 256 if _interp() else 1024)
+    bc = min(triton.next_power_of_2(C), 256)
     _segment_reduce_kernel[(B * n_out, triton.cdiv(C, bc))](
         x, order, offsets, out, N, C, n_out, MODE=_MODES[mode], BC=bc)
     return out

@@ -144,6 +144,7 @@ reg.implements("tome_match", "triton", "tokops.triton_kernels.merge:tome_match")
 reg.implements("tome_segment_reduce", "triton", "tokops.triton_kernels.merge:segment_reduce")
 reg.implements("token_gather", "triton", "tokops.triton_kernels.merge:token_gather")
 reg.implements("pitome_energy", "triton", "tokops.triton_kernels.merge:pitome_energy")
+reg.implements("tome_match", "cuda", reg.cuda_op("tome_match"))
 
 
 # autograd: merge (segment reduce) <-> gather are each other's backward
