@@ -62,6 +62,12 @@ def _x(B, N, C, dtype=torch.float32, seed=1):
     return (torch.randn(B, N, C, generator=g) * 2 + 0.5).to(dtype)
 
 
+def _cos_tol(dtype):
+    """Absolute tolerance on a cosine: fp32 rounding; fp16/bf16 inputs may go through tensor-core
+    dots whose fp32 accumulation rounds a little differently."""
+    return 2e-6 if dtype == torch.float32 else 1e-5
+
+
 def _ref_match(metric, class_token, distill_token):
     s = _scores64(metric, class_token, distill_token)
     if s.shape[-1] == 0:  # a single token: no B token, nothing to match
@@ -84,7 +90,7 @@ def test_match_kernel_agrees_with_reference(backend_device, N, C, cls, dist, dty
     assert torch.equal(got_idx.cpu(), exp_idx)
     fin = torch.isfinite(exp_max)
     assert torch.equal(torch.isfinite(got_max.cpu()), fin)
-    torch.testing.assert_close(got_max.cpu()[fin].double(), exp_max[fin], atol=2e-6, rtol=0)
+    torch.testing.assert_close(got_max.cpu()[fin].double(), exp_max[fin], atol=_cos_tol(dtype), rtol=0)
 
 
 def test_match_kernel_ties_take_first_index(backend_device):
@@ -526,14 +532,15 @@ def test_cuda_match_kernel_large(dtype):
     exp_idx = torch.where(torch.isfinite(exp_max), exp_idx, 0)
     fin = torch.isfinite(exp_max)
     top2 = s.topk(2, dim=-1).values
-    clear = (top2[..., 0] - top2[..., 1] > 1e-5) | ~fin  # rows whose argmax is unambiguous at fp32 accuracy
+    tol = _cos_tol(dtype)
+    clear = (top2[..., 0] - top2[..., 1] > 5 * tol) | ~fin  # rows whose argmax is unambiguous
     backends = ["torch", "triton"] + (["cuda"] if tokops.cuda_compiled() else [])
     for backend in backends:
         got_max, got_idx = torch.ops.tokops.tome_match(metric.cuda(), valid.cuda(), True, False, backend)
         got_max, got_idx = got_max.cpu(), got_idx.cpu()
         assert torch.equal(got_idx[clear], exp_idx[clear]), backend
-        # elsewhere the chosen B token scores within 1e-5 of the best one
+        # elsewhere the chosen B token scores within the tolerance of the best one
         chosen = s.gather(-1, got_idx[..., None])[..., 0]
-        assert ((exp_max - chosen)[fin] <= 1e-5).all(), backend
+        assert ((exp_max - chosen)[fin] <= 5 * tol).all(), backend
         assert torch.equal(torch.isfinite(got_max), fin), backend
-        torch.testing.assert_close(got_max[fin].double(), exp_max[fin], atol=2e-6, rtol=0)
+        torch.testing.assert_close(got_max[fin].double(), exp_max[fin], atol=tol, rtol=0)
