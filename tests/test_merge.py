@@ -205,9 +205,8 @@ def _padded_case(B, N, C, lengths, seed=0, prefix=True):
     return metric, valid
 
 
-@pytest.mark.parametrize("r", [3, 8, 0.3, 0.5])
-@pytest.mark.parametrize("cls", [False, True])
-@pytest.mark.parametrize("prefix", [True, False])
+@pytest.mark.parametrize("r,cls,prefix", [(3, False, True), (8, True, True), (0.3, False, True), (0.5, True, True),
+                                           (3, True, False), (8, False, False), (0.3, True, False), (0.5, False, False)])
 def test_padded_batches(backend_device, r, cls, prefix):
     backend, device = backend_device
     B, N, C = 5, 23, 16
