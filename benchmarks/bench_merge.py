@@ -29,7 +29,7 @@ def _impls(device: str, op: str) -> list[str]:
 
 
 def _label(be: str) -> str:
-    return {"torch": "tokops torch (chunked)", "triton": "tokops triton", "cuda": "tokops cuda"}[be]
+    return {"torch": "tokops torch", "triton": "tokops triton", "cuda": "tokops cuda"}[be]
 
 
 def _peaks(fns: dict, device: str) -> dict:
