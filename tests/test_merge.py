@@ -543,3 +543,49 @@ def test_cuda_match_kernel_large(dtype):
         assert ((exp_max - chosen)[fin] <= 5 * tol).all(), backend
         assert torch.equal(torch.isfinite(got_max), fin), backend
         torch.testing.assert_close(got_max[fin].double(), exp_max[fin], atol=tol, rtol=0)
+
+
+_AOT_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import tokops.triton_kernels.merge as K
+
+target = GPUTarget("cuda", int(sys.argv[1]), 32)
+ptr = lambda dt: "*" + dt
+for dt in ("fp32", "fp16"):
+    ieee = dt == "fp32"
+    jobs = [
+        (K._match_kernel, dict(m_ptr=ptr(dt), inv_ptr="*fp32", valid_ptr="*i8", max_ptr="*fp32", idx_ptr="*i64", N="i32",
+                               C="i32", nA="i32", nB="i32", sm_b="i32", sm_n="i32"),
+         dict(CLS=True, DIST=True, HAS_VALID=True, IEEE=ieee, BM=64, BN=64, BK=64)),
+        (K._energy_kernel, dict(m_ptr=ptr(dt), inv_ptr="*fp32", out_ptr="*fp32", N="i32", C="i32", sm_b="i32",
+                                sm_n="i32", margin="fp32", alpha="fp32"),
+         dict(ELU=False, IEEE=ieee, BM=64, BN=64, BK=64)),
+        (K._segment_reduce_kernel, dict(x_ptr=ptr(dt), order_ptr="*i64", offs_ptr="*i64", out_ptr=ptr(dt), N="i32",
+                                        C="i32", n_out="i32"), dict(MODE=1, BC=256)),
+        (K._gather_kernel_b, dict(x_ptr=ptr(dt), idx_ptr="*i64", out_ptr=ptr(dt), Mb="i32", N_in="i32", C="i32",
+                                  fill="fp32"), dict(BR=8, BC=512)),
+    ]
+    for fn, sig, consts in jobs:
+        sig.update({k: "constexpr" for k in consts})
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+        assert "cubin" in k.asm, fn
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("arch", [90])
+def test_triton_kernels_compile_for_gpu(tmp_path, arch):
+    """The interpreter does not lower kernels: compile every merge kernel to a cubin for an H100
+    (no GPU needed), in a subprocess without TRITON_INTERPRET and with a private cache."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
