@@ -228,7 +228,10 @@ def _tome_layout(edge, node_idx, r_rows, N: int, class_token: bool, distill_toke
     if distill_token:
         unm_pos = unm_pos + (unm_pos >= 1).to(torch.int64)
         pos_b = torch.where(torch.arange(nB, device=dev)[None, :] == 0, 1, pos_b)
-    pos_a = torch.where(is_src, pos_b.gather(1, node_idx.clamp_max(max(nB - 1, 0))), unm_pos)
+    if nB == 0:  # a single token: nothing can merge
+        pos_a = unm_pos
+    else:
+        pos_a = torch.where(is_src, pos_b.gather(1, node_idx.clamp_max(nB - 1)), unm_pos)
     slot = torch.empty(B, N, dtype=torch.int64, device=dev)
     slot[:, 0::2] = pos_a
     slot[:, 1::2] = pos_b
