@@ -206,7 +206,8 @@ def _padded_case(B, N, C, lengths, seed=0, prefix=True):
 
 
 @pytest.mark.parametrize("r,cls,prefix", [(3, False, True), (8, True, True), (0.3, False, True), (0.5, True, True),
-                                           (3, True, False), (8, False, False), (0.3, True, False), (0.5, False, False)])
+                                          (3, True, False), (8, False, False), (0.3, True, False),
+                                          (0.5, False, False)])
 def test_padded_batches(backend_device, r, cls, prefix):
     backend, device = backend_device
     B, N, C = 5, 23, 16
@@ -557,8 +558,8 @@ ptr = lambda dt: "*" + dt
 for dt in ("fp32", "fp16"):
     ieee = dt == "fp32"
     jobs = [
-        (K._match_kernel, dict(m_ptr=ptr(dt), inv_ptr="*fp32", valid_ptr="*i8", max_ptr="*fp32", idx_ptr="*i64", N="i32",
-                               C="i32", nA="i32", nB="i32", sm_b="i32", sm_n="i32"),
+        (K._match_kernel, dict(m_ptr=ptr(dt), inv_ptr="*fp32", valid_ptr="*i8", max_ptr="*fp32", idx_ptr="*i64",
+                               N="i32", C="i32", nA="i32", nB="i32", sm_b="i32", sm_n="i32"),
          dict(CLS=True, DIST=True, HAS_VALID=True, IEEE=ieee, BM=64, BN=64, BK=64)),
         (K._energy_kernel, dict(m_ptr=ptr(dt), inv_ptr="*fp32", out_ptr="*fp32", N="i32", C="i32", sm_b="i32",
                                 sm_n="i32", margin="fp32", alpha="fp32"),

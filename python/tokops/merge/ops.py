@@ -69,9 +69,10 @@ def _check_metric(metric, name="metric") -> None:
     check_tensor(name, metric, dtypes=FLOAT_DTYPES, ndim=3)
 
 
-def _check_r(r, n_tokens: int) -> None:
+def _check_r(r) -> None:
     if isinstance(r, bool) or not isinstance(r, (int, float)):
-        raise TypeError(f"r must be an int (tokens to merge) or a float fraction in [0, 1], got {type(r).__name__} ({r!r})")
+        raise TypeError(f"r must be an int (tokens to merge) or a float fraction in [0, 1], "
+                        f"got {type(r).__name__} ({r!r})")
     if isinstance(r, int):
         check_int("r", r, min_value=0)
     elif not (0.0 <= r <= 1.0):
@@ -80,7 +81,7 @@ def _check_r(r, n_tokens: int) -> None:
 
 def _check_matching(metric, r, class_token, distill_token, valid) -> None:
     _check_metric(metric)
-    _check_r(r, metric.shape[1])
+    _check_r(r)
     for name, v in (("class_token", class_token), ("distill_token", distill_token)):
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
@@ -127,7 +128,8 @@ def _energy_fake(metric, margin, alpha, elu, backend):
 
 
 _match_op = reg.define(
-    "tome_match", "(Tensor metric, Tensor? valid, bool class_token, bool distill_token, str backend) -> (Tensor, Tensor)",
+    "tome_match",
+    "(Tensor metric, Tensor? valid, bool class_token, bool distill_token, str backend) -> (Tensor, Tensor)",
     _match_fake)
 _segment_reduce_op = reg.define(
     "tome_segment_reduce", "(Tensor x, Tensor slot, Tensor order, Tensor offsets, str mode, str backend) -> Tensor",
