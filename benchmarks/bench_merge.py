@@ -29,7 +29,7 @@ def _impls(device: str, op: str) -> list[str]:
 
 
 def _label(be: str) -> str:
-    return {"torch": "tokops torch (chunked)", "triton": "tokops triton", "cuda": "tokops cuda"}[be]
+    return {"torch": "tokops torch", "triton": "tokops triton", "cuda": "tokops cuda"}[be]
 
 
 def _peaks(fns: dict, device: str) -> dict:
@@ -73,8 +73,9 @@ def cases(device: str, quick: bool) -> list[Case]:
         fns = {"ToMe reference (torch)": lambda metric=metric, x=x, r=r: R.merge_wavg(
             R.bipartite_soft_matching(metric, r, True, score_dtype=metric.dtype), x)}
         for be in _impls(device, "tome_match"):
-            fns[_label(be)] = lambda metric=metric, x=x, r=r, be=be: M.merge_wavg(
-                M.bipartite_soft_matching(metric, r, True, backend=be), x, backend=be)
+            mbe = be if _registry.has_impl("tome_segment_reduce", be) else "triton"
+            fns[_label(be)] = lambda metric=metric, x=x, r=r, be=be, mbe=mbe: M.merge_wavg(
+                M.bipartite_soft_matching(metric, r, True, backend=be), x, backend=mbe)
         layer_bytes = 2 * B * N * C * e + B * (N - r) * C * e + 4 * B * (2 * N - r)
         out.append(Case("merge", "ToMe layer: bipartite_soft_matching + merge_wavg", params, fns,
                         bytes=layer_bytes, flops=2.0 * B * ((N + 1) // 2) * (N // 2) * C,

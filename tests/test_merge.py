@@ -13,6 +13,11 @@ from tokops.merge import reference as R
 M = tokops.merge
 
 
+def _mb(backend):
+    """Backend for the ops other than tome_match, which have no CUDA kernel (Triton runs them)."""
+    return "triton" if backend == "cuda" else backend
+
+
 def _skip_bf16(backend, device, dtype):
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bf16 arithmetic")
@@ -57,6 +62,12 @@ def _x(B, N, C, dtype=torch.float32, seed=1):
     return (torch.randn(B, N, C, generator=g) * 2 + 0.5).to(dtype)
 
 
+def _cos_tol(dtype):
+    """Absolute tolerance on a cosine: fp32 rounding; fp16/bf16 inputs may go through tensor-core
+    dots whose fp32 accumulation rounds a little differently."""
+    return 2e-6 if dtype == torch.float32 else 1e-5
+
+
 def _ref_match(metric, class_token, distill_token):
     s = _scores64(metric, class_token, distill_token)
     if s.shape[-1] == 0:  # a single token: no B token, nothing to match
@@ -79,7 +90,7 @@ def test_match_kernel_agrees_with_reference(backend_device, N, C, cls, dist, dty
     assert torch.equal(got_idx.cpu(), exp_idx)
     fin = torch.isfinite(exp_max)
     assert torch.equal(torch.isfinite(got_max.cpu()), fin)
-    torch.testing.assert_close(got_max.cpu()[fin].double(), exp_max[fin], atol=2e-6, rtol=0)
+    torch.testing.assert_close(got_max.cpu()[fin].double(), exp_max[fin], atol=_cos_tol(dtype), rtol=0)
 
 
 def test_match_kernel_ties_take_first_index(backend_device):
@@ -133,21 +144,22 @@ def test_matching_and_merge_equal_reference(backend_device, N, r, cls, dist):
             assert torch.equal(getattr(m, name).cpu(), getattr(rm, name)), name
     xd = x.to(device)
     for mode in ("mean", "sum", "amax"):
-        got = M.merge(m, xd, mode, backend=backend)
+        got = M.merge(m, xd, mode, backend=_mb(backend))
         assert got.shape == (3, N - rm.r, 12)
         torch.testing.assert_close(got.cpu(), R.merge(rm, x, mode), atol=1e-5, rtol=1e-5)
-    got_x, got_s = M.merge_wavg(m, xd, backend=backend)
+    got_x, got_s = M.merge_wavg(m, xd, backend=_mb(backend))
     exp_x, exp_s = R.merge_wavg(rm, x)
     torch.testing.assert_close(got_x.cpu(), exp_x, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_s.cpu(), exp_s)
     # second round with sizes (sizes != 1)
-    got_x2, got_s2 = M.merge_wavg(m, xd, (torch.rand(3, N, 1) + 0.5).to(device), backend=backend)
+    got_x2, got_s2 = M.merge_wavg(m, xd, (torch.rand(3, N, 1) + 0.5).to(device), backend=_mb(backend))
     assert not got_x2.isnan().any() and got_s2.shape == got_s.shape
-    torch.testing.assert_close(M.merge_source(m, xd, backend=backend).cpu(), R.merge_source(rm, x))
+    torch.testing.assert_close(M.merge_source(m, xd, backend=_mb(backend)).cpu(), R.merge_source(rm, x))
     merged = R.merge(rm, x)
-    torch.testing.assert_close(M.unmerge(m, merged.to(device), backend=backend).cpu(), R.unmerge(rm, merged))
+    torch.testing.assert_close(M.unmerge(m, merged.to(device), backend=_mb(backend)).cpu(), R.unmerge(rm, merged))
     # Matching methods
-    torch.testing.assert_close(m.merge(xd, "sum", backend=backend).cpu(), R.merge(rm, x, "sum"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.merge(xd, "sum", backend=_mb(backend)).cpu(), R.merge(rm, x, "sum"),
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -160,7 +172,7 @@ def test_merge_low_precision(backend_device, dtype):
     rm = R.bipartite_soft_matching(metric, 9, True, score_dtype=torch.float64)
     assert torch.equal(m.src_idx.cpu(), rm.src_idx)
     exp = R.merge(rm, x.double(), "mean")
-    got = M.merge(m, x.to(device), "mean", backend=backend).cpu()
+    got = M.merge(m, x.to(device), "mean", backend=_mb(backend)).cpu()
     assert got.dtype == dtype
     err = (got.double() - exp).abs().max()
     err_torch = (R.merge(rm, x, "mean").double() - exp).abs().max()  # the same computation in torch, in dtype
@@ -193,9 +205,9 @@ def _padded_case(B, N, C, lengths, seed=0, prefix=True):
     return metric, valid
 
 
-@pytest.mark.parametrize("r", [3, 8, 0.3, 0.5])
-@pytest.mark.parametrize("cls", [False, True])
-@pytest.mark.parametrize("prefix", [True, False])
+@pytest.mark.parametrize("r,cls,prefix", [(3, False, True), (8, True, True), (0.3, False, True), (0.5, True, True),
+                                          (3, True, False), (8, False, False), (0.3, True, False),
+                                          (0.5, False, False)])
 def test_padded_batches(backend_device, r, cls, prefix):
     backend, device = backend_device
     B, N, C = 5, 23, 16
@@ -209,13 +221,13 @@ def test_padded_batches(backend_device, r, cls, prefix):
     assert m.valid.cpu().tolist() == [[o < k for o in range(m.n_out)] for k in n_keep]
     xd = x.to(device)
     for mode in ("sum", "mean", "amax"):
-        got = M.merge(m, xd, mode, backend=backend).cpu()
+        got = M.merge(m, xd, mode, backend=_mb(backend)).cpu()
         torch.testing.assert_close(got, R.apply_groups(groups, x, m.n_out, mode), atol=1e-5, rtol=1e-5)
     # padding never merged into real tokens: every real output group holds only valid tokens
-    src = M.merge_source(m, xd, backend=backend).cpu()
+    src = M.merge_source(m, xd, backend=_mb(backend)).cpu()
     assert (src[m.valid.cpu()] * (~valid[:, None, :]).float().expand(B, m.n_out, N)[m.valid.cpu()]).sum() == 0
     assert (src[~m.valid.cpu()] == 0).all()
-    wx, size = M.merge_wavg(m, xd, backend=backend)
+    wx, size = M.merge_wavg(m, xd, backend=_mb(backend))
     assert not wx.isnan().any()
     assert (size.cpu()[..., 0][~m.valid.cpu()] == 0).all()
     torch.testing.assert_close(wx.cpu(), R.apply_groups(groups, x, m.n_out, "mean"), atol=1e-5, rtol=1e-5)
@@ -224,7 +236,7 @@ def test_padded_batches(backend_device, r, cls, prefix):
             r_b = R.rows_r(r, [L], int(cls))[0]
             rm = R.bipartite_soft_matching(metric[b:b + 1, :L], r_b, cls, score_dtype=torch.float64)
             exp = R.merge(rm, x[b:b + 1, :L], "mean")
-            torch.testing.assert_close(M.merge(m, xd, backend=backend).cpu()[b:b + 1, :exp.shape[1]], exp,
+            torch.testing.assert_close(M.merge(m, xd, backend=_mb(backend)).cpu()[b:b + 1, :exp.shape[1]], exp,
                                        atol=1e-5, rtol=1e-5)
 
 
@@ -253,14 +265,14 @@ def test_merge_gradients_match_float64_reference(backend_device, mode):
     x64 = x.double().requires_grad_()
     (R.merge(rm, x64, mode) * w.double()).sum().backward()
     xt = x.clone().to(device).requires_grad_()
-    (M.merge(m, xt, mode, backend=backend) * w.to(device)).sum().backward()
+    (M.merge(m, xt, mode, backend=_mb(backend)) * w.to(device)).sum().backward()
     torch.testing.assert_close(xt.grad.cpu().double(), x64.grad, atol=1e-6, rtol=1e-5)
     # unmerge gradient
     y64 = R.merge(rm, x.double()).requires_grad_()
     w2 = _x(2, N, C, seed=8)
     (R.unmerge(rm, y64) * w2.double()).sum().backward()
     yt = y64.detach().float().to(device).requires_grad_()
-    (M.unmerge(m, yt, backend=backend) * w2.to(device)).sum().backward()
+    (M.unmerge(m, yt, backend=_mb(backend)) * w2.to(device)).sum().backward()
     torch.testing.assert_close(yt.grad.cpu().double(), y64.grad, atol=1e-6, rtol=1e-5)
 
 
@@ -274,7 +286,7 @@ def test_merge_wavg_gradient(backend_device):
     a, b = R.merge_wavg(rm, x64, s64)
     (a.sum() + (a * b).pow(2).sum()).backward()
     xt, st = x.clone().to(device).requires_grad_(), size.clone().to(device).requires_grad_()
-    a, b = M.merge_wavg(m, xt, st, backend=backend)
+    a, b = M.merge_wavg(m, xt, st, backend=_mb(backend))
     (a.sum() + (a * b).pow(2).sum()).backward()
     torch.testing.assert_close(xt.grad.cpu().double(), x64.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(st.grad.cpu().double(), s64.grad, atol=1e-5, rtol=1e-5)
@@ -288,7 +300,7 @@ def test_pitome_energy(backend_device, N, C, formula):
     metric = _x(2, N, C, seed=N)
     for margin in (0.1, 0.6):
         exp = R.pitome_energy(metric, margin, 0.8, formula, torch.float64)
-        got = M.pitome_energy(metric.to(device), margin, 0.8, formula=formula, backend=backend)
+        got = M.pitome_energy(metric.to(device), margin, 0.8, formula=formula, backend=_mb(backend))
         assert got.dtype == torch.float32 and got.shape == (2, N)
         torch.testing.assert_close(got.cpu(), exp, atol=2e-6, rtol=1e-5)
 
@@ -319,11 +331,12 @@ def test_pitome_merge_matches_reference_code(backend_device, N, r, cls):
         if _pitome_separated(metric, r_eff, margin, cls):
             break
     x = _x(2, N, 7, seed=3)
-    m = M.pitome_merge(metric.to(device), r, margin, class_token=cls, backend=backend)
+    m = M.pitome_merge(metric.to(device), r, margin, class_token=cls, backend=_mb(backend))
     assert m.n_out == N - r_eff
     for mode in ("mean", "sum"):
         exp = R.pitome_merge_ref(metric, x, r_eff, margin, 1.0, cls, "elu", mode)
-        torch.testing.assert_close(M.merge(m, x.to(device), mode, backend=backend).cpu(), exp, atol=1e-5, rtol=1e-5)
+        got = M.merge(m, x.to(device), mode, backend=_mb(backend)).cpu()
+        torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- pruning
@@ -333,7 +346,7 @@ def test_prune_topk_and_scatter_back(backend_device):
     x = _x(B, N, C).to(device).requires_grad_()
     scores = torch.randn(B, N).to(device)
     scores[1, 5] = scores[1, 20] = 100.0  # a tie: the lower index wins when only one fits
-    kept, idx = M.prune_topk(x, scores, 11, protect=1, backend=backend)
+    kept, idx = M.prune_topk(x, scores, 11, protect=1, backend=_mb(backend))
     assert kept.shape == (B, 11, C) and idx.shape == (B, 11)
     for b in range(B):
         s = scores[b].clone()
@@ -342,27 +355,27 @@ def test_prune_topk_and_scatter_back(backend_device):
         assert idx[b].tolist() == exp
     assert (idx[:, 0] == 0).all()
     torch.testing.assert_close(kept, x.detach().gather(1, idx[..., None].expand(B, 11, C)))
-    kept1, idx1 = M.prune_topk(x, scores, 1, backend=backend)
+    kept1, idx1 = M.prune_topk(x, scores, 1, backend=_mb(backend))
     assert idx1[1].item() == 5
     w = torch.randn(B, 11, C, device=device)
     (kept * w).sum().backward()
     exp_grad = torch.zeros(B, N, C, device=device).scatter(1, idx[..., None].expand(B, 11, C), w)
     torch.testing.assert_close(x.grad, exp_grad)
     # scatter back: zeros, a float, a tensor
-    full = M.scatter_back(kept.detach(), idx, N, backend=backend)
+    full = M.scatter_back(kept.detach(), idx, N, backend=_mb(backend))
     mask = torch.zeros(B, N, dtype=torch.bool, device=device).scatter(1, idx, True)
     torch.testing.assert_close(full[mask], x.detach()[mask])
     assert (full[~mask] == 0).all()
-    assert (M.scatter_back(kept.detach(), idx, N, fill=-2.5, backend=backend)[~mask] == -2.5).all()
+    assert (M.scatter_back(kept.detach(), idx, N, fill=-2.5, backend=_mb(backend))[~mask] == -2.5).all()
     k2 = kept.detach().clone().requires_grad_()
-    back = M.scatter_back(k2, idx, N, fill=x.detach(), backend=backend)
+    back = M.scatter_back(k2, idx, N, fill=x.detach(), backend=_mb(backend))
     torch.testing.assert_close(back, x.detach())
     (back * 2).sum().backward()
     assert (k2.grad == 2).all()
     # masks and fractions
     prot = torch.zeros(N, dtype=torch.bool, device=device)
     prot[[3, 28]] = True
-    _, idx2 = M.prune_topk(x, scores, 0.25, protect=prot, backend=backend)
+    _, idx2 = M.prune_topk(x, scores, 0.25, protect=prot, backend=_mb(backend))
     assert idx2.shape == (B, 7) and (idx2 == 3).any(1).all() and (idx2 == 28).any(1).all()
 
 
@@ -419,9 +432,9 @@ def test_opcheck(backend_device):
     x = _x(2, 19, 8).to(device).requires_grad_()
     for mode in ("mean", "amax"):
         torch.library.opcheck(torch.ops.tokops.tome_segment_reduce.default,
-                              (x, m.slot, m.order, m.offsets, mode, backend))
-    torch.library.opcheck(torch.ops.tokops.token_gather.default, (x, m.slot[:, :13].contiguous(), 0.5, backend))
-    torch.library.opcheck(torch.ops.tokops.pitome_energy.default, (metric, 0.4, 1.0, True, backend))
+                              (x, m.slot, m.order, m.offsets, mode, _mb(backend)))
+    torch.library.opcheck(torch.ops.tokops.token_gather.default, (x, m.slot[:, :13].contiguous(), 0.5, _mb(backend)))
+    torch.library.opcheck(torch.ops.tokops.pitome_energy.default, (metric, 0.4, 1.0, True, _mb(backend)))
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -463,7 +476,7 @@ class _Block:
         x = x + a
         if use_tokops:
             m = M.bipartite_soft_matching(metric.contiguous(), r, class_token=True, backend=backend)
-            x, size = M.merge_wavg(m, x.contiguous(), size, backend=backend)
+            x, size = M.merge_wavg(m, x.contiguous(), size, backend=_mb(backend))
         else:
             m = R.bipartite_soft_matching(metric, r, class_token=True, score_dtype=torch.float64)
             x, size = R.merge_wavg(m, x, size)
@@ -492,12 +505,88 @@ def test_tome_transformer_end_to_end(backend_device):
 
 
 @pytest.mark.cuda
-def test_cuda_device_backends_agree():
+def test_cuda_match_op_rejects_bad_input_directly():
+    if not (torch.cuda.is_available() and tokops.cuda_compiled()):
+        pytest.skip("CUDA kernels not built")
+    metric = torch.randn(2, 10, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="valid must have shape"):
+        torch.ops.tokops.tome_match_cuda(metric, torch.ones(2, 9, dtype=torch.bool, device="cuda"), False, False)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.tokops.tome_match_cuda(metric.transpose(1, 2), None, False, False)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.tokops.tome_match_cuda(metric.double(), None, False, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_match_kernel_large(dtype):
+    """Every GPU backend on sizes past several tiles, with padding masks, against float64."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    metric = _metric(4, 1000, 64, seed=0, class_token=True)
-    exp_max, exp_idx = _ref_match(metric, True, False)
-    for backend in ("torch", "triton") + (("cuda",) if tokops._registry.has_impl("tome_match", "cuda")
-                                          and tokops.cuda_compiled() else ()):
-        got_max, got_idx = torch.ops.tokops.tome_match(metric.cuda(), None, True, False, backend)
-        assert torch.equal(got_idx.cpu(), exp_idx), backend
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(3, 1037, 200, generator=g).to(dtype)
+    valid = torch.arange(1037)[None, :] < torch.tensor([1037, 300, 31])[:, None]
+    s = _scores64(metric, class_token=True)
+    s = s.masked_fill(~valid[:, 1::2][:, None, :] | ~valid[:, 0::2][:, :, None], -math.inf)
+    exp_max, exp_idx = s.max(-1)
+    exp_idx = torch.where(torch.isfinite(exp_max), exp_idx, 0)
+    fin = torch.isfinite(exp_max)
+    top2 = s.topk(2, dim=-1).values
+    tol = _cos_tol(dtype)
+    clear = (top2[..., 0] - top2[..., 1] > 5 * tol) | ~fin  # rows whose argmax is unambiguous
+    backends = ["torch", "triton"] + (["cuda"] if tokops.cuda_compiled() else [])
+    for backend in backends:
+        got_max, got_idx = torch.ops.tokops.tome_match(metric.cuda(), valid.cuda(), True, False, backend)
+        got_max, got_idx = got_max.cpu(), got_idx.cpu()
+        assert torch.equal(got_idx[clear], exp_idx[clear]), backend
+        # elsewhere the chosen B token scores within the tolerance of the best one
+        chosen = s.gather(-1, got_idx[..., None])[..., 0]
+        assert ((exp_max - chosen)[fin] <= 5 * tol).all(), backend
+        assert torch.equal(torch.isfinite(got_max), fin), backend
+        torch.testing.assert_close(got_max[fin].double(), exp_max[fin], atol=tol, rtol=0)
+
+
+_AOT_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import tokops.triton_kernels.merge as K
+
+target = GPUTarget("cuda", int(sys.argv[1]), 32)
+ptr = lambda dt: "*" + dt
+for dt in ("fp32", "fp16"):
+    ieee = dt == "fp32"
+    jobs = [
+        (K._match_kernel, dict(m_ptr=ptr(dt), inv_ptr="*fp32", valid_ptr="*i8", max_ptr="*fp32", idx_ptr="*i64",
+                               N="i32", C="i32", nA="i32", nB="i32", sm_b="i32", sm_n="i32"),
+         dict(CLS=True, DIST=True, HAS_VALID=True, IEEE=ieee, BM=64, BN=64, BK=64)),
+        (K._energy_kernel, dict(m_ptr=ptr(dt), inv_ptr="*fp32", out_ptr="*fp32", N="i32", C="i32", sm_b="i32",
+                                sm_n="i32", margin="fp32", alpha="fp32"),
+         dict(ELU=False, IEEE=ieee, BM=64, BN=64, BK=64)),
+        (K._segment_reduce_kernel, dict(x_ptr=ptr(dt), order_ptr="*i64", offs_ptr="*i64", out_ptr=ptr(dt), N="i32",
+                                        C="i32", n_out="i32"), dict(MODE=1, BC=256)),
+        (K._gather_kernel_b, dict(x_ptr=ptr(dt), idx_ptr="*i64", out_ptr=ptr(dt), Mb="i32", N_in="i32", C="i32",
+                                  fill="fp32"), dict(BR=8, BC=512)),
+    ]
+    for fn, sig, consts in jobs:
+        sig.update({k: "constexpr" for k in consts})
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+        assert "cubin" in k.asm, fn
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("arch", [90])
+def test_triton_kernels_compile_for_gpu(tmp_path, arch):
+    """The interpreter does not lower kernels: compile every merge kernel to a cubin for an H100
+    (no GPU needed), in a subprocess without TRITON_INTERPRET and with a private cache."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

@@ -45,11 +45,13 @@ def _dot_tile(x_ptr, sx_b, sx_n, pid_b, rows_tok, rows_ok, cols_tok, cols_ok, C,
     """fp32 (BM, BN) tile of dot(x[rows_tok], x[cols_tok]) over the channel dim."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     base = x_ptr + pid_b * sx_b
+    rows_off = rows_tok.to(tl.int64)[:, None] * sx_n  # int64: N * C may pass 2**31
+    cols_off = cols_tok.to(tl.int64)[:, None] * sx_n
     for k0 in range(0, C, BK):
         k = k0 + tl.arange(0, BK)
         km = k < C
-        a = tl.load(base + rows_tok[:, None] * sx_n + k[None, :], mask=rows_ok[:, None] & km[None, :], other=0.0)
-        b = tl.load(base + cols_tok[:, None] * sx_n + k[None, :], mask=cols_ok[:, None] & km[None, :], other=0.0)
+        a = tl.load(base + rows_off + k[None, :], mask=rows_ok[:, None] & km[None, :], other=0.0)
+        b = tl.load(base + cols_off + k[None, :], mask=cols_ok[:, None] & km[None, :], other=0.0)
         if IEEE:
             acc += tl.dot(a, tl.trans(b), input_precision="ieee")
         else:
@@ -188,7 +190,7 @@ def segment_reduce(x: torch.Tensor, slot, order, offsets, mode: str):
     out = new_output((B, n_out, C), x.dtype, x.device)
     if B * n_out == 0:
         return out
-    bc = min(triton.next_power_of_2(C), 256 if _interp() else 1024)
+    bc = min(triton.next_power_of_2(C), 256)
     _segment_reduce_kernel[(B * n_out, triton.cdiv(C, bc))](
         x, order, offsets, out, N, C, n_out, MODE=_MODES[mode], BC=bc)
     return out

@@ -69,9 +69,10 @@ def _check_metric(metric, name="metric") -> None:
     check_tensor(name, metric, dtypes=FLOAT_DTYPES, ndim=3)
 
 
-def _check_r(r, n_tokens: int) -> None:
+def _check_r(r) -> None:
     if isinstance(r, bool) or not isinstance(r, (int, float)):
-        raise TypeError(f"r must be an int (tokens to merge) or a float fraction in [0, 1], got {type(r).__name__} ({r!r})")
+        raise TypeError(f"r must be an int (tokens to merge) or a float fraction in [0, 1], "
+                        f"got {type(r).__name__} ({r!r})")
     if isinstance(r, int):
         check_int("r", r, min_value=0)
     elif not (0.0 <= r <= 1.0):
@@ -80,7 +81,7 @@ def _check_r(r, n_tokens: int) -> None:
 
 def _check_matching(metric, r, class_token, distill_token, valid) -> None:
     _check_metric(metric)
-    _check_r(r, metric.shape[1])
+    _check_r(r)
     for name, v in (("class_token", class_token), ("distill_token", distill_token)):
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
@@ -127,7 +128,8 @@ def _energy_fake(metric, margin, alpha, elu, backend):
 
 
 _match_op = reg.define(
-    "tome_match", "(Tensor metric, Tensor? valid, bool class_token, bool distill_token, str backend) -> (Tensor, Tensor)",
+    "tome_match",
+    "(Tensor metric, Tensor? valid, bool class_token, bool distill_token, str backend) -> (Tensor, Tensor)",
     _match_fake)
 _segment_reduce_op = reg.define(
     "tome_segment_reduce", "(Tensor x, Tensor slot, Tensor order, Tensor offsets, str mode, str backend) -> Tensor",
@@ -144,6 +146,7 @@ reg.implements("tome_match", "triton", "tokops.triton_kernels.merge:tome_match")
 reg.implements("tome_segment_reduce", "triton", "tokops.triton_kernels.merge:segment_reduce")
 reg.implements("token_gather", "triton", "tokops.triton_kernels.merge:token_gather")
 reg.implements("pitome_energy", "triton", "tokops.triton_kernels.merge:pitome_energy")
+reg.implements("tome_match", "cuda", reg.cuda_op("tome_match"))
 
 
 # autograd: merge (segment reduce) <-> gather are each other's backward
@@ -227,7 +230,10 @@ def _tome_layout(edge, node_idx, r_rows, N: int, class_token: bool, distill_toke
     if distill_token:
         unm_pos = unm_pos + (unm_pos >= 1).to(torch.int64)
         pos_b = torch.where(torch.arange(nB, device=dev)[None, :] == 0, 1, pos_b)
-    pos_a = torch.where(is_src, pos_b.gather(1, node_idx.clamp_max(max(nB - 1, 0))), unm_pos)
+    if nB == 0:  # a single token: nothing can merge
+        pos_a = unm_pos
+    else:
+        pos_a = torch.where(is_src, pos_b.gather(1, node_idx.clamp_max(nB - 1)), unm_pos)
     slot = torch.empty(B, N, dtype=torch.int64, device=dev)
     slot[:, 0::2] = pos_a
     slot[:, 1::2] = pos_b

@@ -41,7 +41,7 @@ def _scores(metric: torch.Tensor, class_token: bool, distill_token: bool, score_
     scores = a @ b.transpose(-1, -2)
     if class_token:
         scores[:, 0, :] = -math.inf
-    if distill_token:
+    if distill_token and scores.shape[-1]:
         scores[:, :, 0] = -math.inf
     return scores
 
@@ -151,6 +151,9 @@ def padded_groups(metric: torch.Tensor, valid: torch.Tensor, r, class_token: boo
             for j in range(nB):
                 if not (v[2 * i] and v[2 * j + 1]) or (class_token and i == 0) or (distill_token and j == 0):
                     s[i, j] = -math.inf
+        if nB == 0:
+            out.append([[i] for i in range(N) if v[i]])
+            continue
         node_max, node_idx = s.max(dim=-1)
         n_src = sum(1 for i in range(nA) if node_max[i] > -math.inf)
         r_b = min(r_b, n_src)
@@ -252,6 +255,9 @@ def tome_match_torch(metric, valid, class_token: bool, distill_token: bool):
     m = _unit(metric)
     a, b = m[:, 0::2], m[:, 1::2]
     B, nA, nB = a.shape[0], a.shape[1], b.shape[1]
+    if nB == 0:  # a single token: nothing to match
+        return (torch.full((B, nA), -math.inf, dtype=torch.float32, device=m.device),
+                torch.zeros(B, nA, dtype=torch.int64, device=m.device))
     col_ok = torch.ones(B, nB, dtype=torch.bool, device=m.device)
     row_ok = torch.ones(B, nA, dtype=torch.bool, device=m.device)
     if valid is not None:

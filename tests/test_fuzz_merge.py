@@ -1,0 +1,147 @@
+"""Fuzzing token merging: every input gives the reference answer or a clear error."""
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tokops
+from tokops.merge import reference as R
+
+from conftest import runnable_backends
+from test_merge import _mb, _scores64, _separated
+
+BACKENDS = runnable_backends()
+M = tokops.merge
+
+
+def _check_structure(m, x, N, valid=None):
+    """What holds for any correct matching, ties or not: every token lands in exactly one output
+    token (padding: none), sizes add up, outputs are finite."""
+    be = "torch"
+    src = M.merge_source(m, x, backend=be)
+    owners = src.sum(1)  # (B, N): how many outputs hold each original token
+    expect = torch.ones_like(owners) if valid is None else valid.to(owners.dtype)
+    assert torch.equal(owners, expect)
+    _, size = M.merge_wavg(m, x, backend=be)
+    n_valid = torch.full((x.shape[0],), N) if valid is None else valid.sum(1)
+    assert torch.equal(size.sum((1, 2)).round().long().cpu(), n_valid.cpu())
+
+
+@st.composite
+def matching_inputs(draw):
+    ndim = draw(st.sampled_from([3, 3, 3, 3, 1, 2, 4]))  # mostly valid inputs, some of every kind of bad one
+    shape = tuple(draw(st.lists(st.integers(0, 12), min_size=ndim, max_size=ndim)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float16, torch.float64, torch.int32]))
+    r = draw(st.one_of(st.integers(0, 20), st.integers(-2, 20), st.floats(0.0, 1.0), st.floats(-0.5, 1.5),
+                       st.sampled_from([True, "2", None])))
+    cls = draw(st.booleans())
+    dist = draw(st.sampled_from([False, False, cls, True]))
+    transpose = draw(st.integers(0, 5)) == 0 and ndim >= 2
+    backend, device = draw(st.sampled_from(BACKENDS))
+    return shape, dtype, r, cls, dist, transpose, backend, device, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(matching_inputs())
+def test_matching_fuzz(args):
+    shape, dtype, r, cls, dist, transpose, backend, device, seed = args
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(shape, generator=g).to(dtype) if dtype.is_floating_point else \
+        torch.randint(-5, 5, shape, generator=g, dtype=dtype)
+    if transpose:
+        metric = metric.transpose(-1, -2)
+    metric = metric.to(device)
+    try:
+        m = M.bipartite_soft_matching(metric, r, cls, dist, backend=backend)
+    except (TypeError, ValueError) as e:
+        assert any(name in str(e) for name in ("metric", "r ", "r as", "class_token", "distill_token")), e
+        return
+    B, N, C = metric.shape
+    x = torch.randn(B, N, 5, generator=g).to(device)
+    r_int = r if isinstance(r, int) else int(r * N)
+    rm = R.bipartite_soft_matching(metric.cpu(), r_int, cls, dist, score_dtype=torch.float64)
+    assert m.n_out == N - rm.r
+    _check_structure(m, x, N)
+    if rm.r and _separated(metric.cpu(), cls, dist):
+        assert torch.equal(m.src_idx.cpu(), rm.src_idx) and torch.equal(m.dst_idx.cpu(), rm.dst_idx)
+        torch.testing.assert_close(M.merge(m, x, backend=_mb(backend)).cpu(), R.merge(rm, x.cpu()),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def _padded_separated(metric, valid, cls, dist, gap=1e-4) -> bool:
+    """_separated for the masked float64 scores of a padded batch (valid pairs only)."""
+    s = _scores64(metric.masked_fill(~valid[..., None], 1.0), cls, dist)
+    s = s.masked_fill(~valid[:, 0::2, None] | ~valid[:, None, 1::2], float("-inf"))
+    for row in s:
+        for scores in row:
+            v = scores[torch.isfinite(scores)].sort(descending=True).values
+            if v.numel() > 1 and v[0] - v[1] < gap:
+                return False
+        if row.shape[-1]:
+            nm = row.max(-1).values
+            v = nm[torch.isfinite(nm)].sort().values
+            if v.numel() > 1 and (v[1:] - v[:-1]).min() < gap:
+                return False
+    return True
+
+
+@st.composite
+def valid_matching_inputs(draw):
+    B, N, C = draw(st.integers(1, 3)), draw(st.integers(1, 45)), draw(st.integers(1, 40))
+    r = draw(st.one_of(st.integers(0, 25), st.floats(0.0, 1.0)))
+    cls = draw(st.booleans())
+    dist = cls and draw(st.booleans())
+    backend, device = draw(st.sampled_from(BACKENDS))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16] + ([] if backend == "triton" and device == "cpu"
+                                                                   else [torch.bfloat16])))
+    return (B, N, C), dtype, r, cls, dist, backend, device, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_matching_inputs())
+def test_matching_fuzz_valid(args):
+    shape, dtype, r, cls, dist, backend, device, seed = args
+    g = torch.Generator().manual_seed(seed)
+    metric = (torch.randn(shape, generator=g) + torch.randn(shape[0], 1, shape[2], generator=g)).to(dtype)
+    B, N, C = shape
+    m = M.bipartite_soft_matching(metric.to(device), r, cls, dist, backend=backend)
+    x = torch.randn(B, N, 4, generator=g).to(dtype)
+    rm = R.bipartite_soft_matching(metric, r if isinstance(r, int) else int(r * N), cls, dist,
+                                   score_dtype=torch.float64)
+    assert m.n_out == N - rm.r and m.r == rm.r
+    _check_structure(m, x.to(device).float(), N)
+    if rm.r and _separated(metric, cls, dist):
+        assert torch.equal(m.src_idx.cpu(), rm.src_idx) and torch.equal(m.dst_idx.cpu(), rm.dst_idx)
+        assert torch.equal(m.unm_idx.cpu(), rm.unm_idx)
+        got = M.merge(m, x.to(device), "sum", backend=_mb(backend)).cpu().double()
+        torch.testing.assert_close(got, R.merge(rm, x.double(), "sum"), atol=0.05, rtol=0.02)
+
+
+@st.composite
+def padded_inputs(draw):
+    B, N, C = draw(st.integers(1, 4)), draw(st.integers(1, 30)), draw(st.integers(1, 20))
+    r = draw(st.one_of(st.integers(0, 16), st.floats(0.0, 1.0)))
+    cls = draw(st.booleans())
+    dist = cls and draw(st.booleans())
+    backend, device = draw(st.sampled_from(BACKENDS))
+    return B, N, C, r, cls, dist, draw(st.booleans()), backend, device, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(padded_inputs())
+def test_padded_fuzz(args):
+    B, N, C, r, cls, dist, prefix, backend, device, seed = args
+    g = torch.Generator().manual_seed(seed)
+    if prefix:
+        valid = torch.arange(N)[None, :] < torch.randint(0, N + 1, (B, 1), generator=g)
+    else:
+        valid = torch.rand(B, N, generator=g) < 0.6
+    metric = torch.randn(B, N, C, generator=g).masked_fill(~valid[..., None], 0.0)
+    x = torch.randn(B, N, 3, generator=g)
+    m = M.bipartite_soft_matching(metric.to(device), r, cls, dist, valid=valid.to(device), backend=backend)
+    _check_structure(m, x.to(device), N, valid.to(device))
+    groups = R.padded_groups(metric, valid, r, cls, dist)
+    assert m.n_out == max(len(row) for row in groups)
+    if _padded_separated(metric, valid, cls, dist):
+        exp = R.apply_groups(groups, x, m.n_out, "mean")
+        torch.testing.assert_close(M.merge(m, x.to(device), backend=_mb(backend)).cpu(), exp, atol=1e-5, rtol=1e-5)
