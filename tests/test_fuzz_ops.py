@@ -1,5 +1,6 @@
-"""Fuzzing the attention and merging ops: each random input gives the reference answer or a clear
-``ValueError``/``TypeError`` (never a crash, never NaN from valid input)."""
+"""Fuzzing block-sparse attention (each random input gives the reference answer or a clear
+``ValueError``/``TypeError``, never a crash or NaN) and a padded-batch ToMe property (the merge
+family's own fuzzing is tests/test_fuzz_merge.py)."""
 
 import math
 
@@ -10,7 +11,6 @@ from hypothesis import strategies as st
 
 import tokops
 from tokops.attention import reference as aref
-from tokops.merge import reference as mref
 
 from conftest import runnable_backends
 
@@ -104,43 +104,6 @@ def test_attention_bad_inputs_fuzz(data):
 
 
 # --------------------------------------------------------------------------- merging
-@st.composite
-def merge_inputs(draw):
-    backend, device = draw(st.sampled_from(BACKENDS))
-    B = draw(st.integers(1, 3))
-    N = draw(st.integers(1, 60))
-    C = draw(st.sampled_from([4, 8, 24, 64]))
-    r = draw(st.one_of(st.integers(-2, 40), st.floats(0.0, 1.0)))
-    class_token = draw(st.booleans())
-    dtype = draw(st.sampled_from(_dtypes(backend, device)))
-    return backend, device, B, N, C, r, class_token, dtype, draw(st.integers(0, 2**16))
-
-
-@settings(max_examples=30, **SETTINGS)
-@given(merge_inputs())
-def test_tome_merge_fuzz(args):
-    backend, device, B, N, C, r, class_token, dtype, seed = args
-    g = torch.Generator().manual_seed(seed)
-    metric = torch.randn(B, N, C, generator=g).to(dtype)
-    x = torch.randn(B, N, C, generator=g).to(dtype)
-    try:
-        m = tokops.merge.bipartite_soft_matching(metric.to(device), r, class_token=class_token, backend=backend)
-    except (ValueError, TypeError) as e:
-        assert "r" in str(e), e
-        assert isinstance(r, int) and r < 0 or isinstance(r, float), (r, e)
-        return
-    merged, size = tokops.merge.merge_wavg(m, x.to(device), backend=backend)
-    r_int = r if isinstance(r, int) else math.floor(r * N)
-    rm = mref.bipartite_soft_matching(metric, r_int, class_token=class_token)
-    exp, exp_size = mref.merge_wavg(rm, x.float())
-    assert merged.shape == exp.shape and not merged.isnan().any()
-    torch.testing.assert_close(size.cpu().float(), exp_size)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(merged.cpu().float(), exp, atol=tol, rtol=tol)
-    back = tokops.merge.unmerge(m, merged, backend=backend)
-    assert back.shape == x.shape
-
-
 @settings(max_examples=20, **SETTINGS)
 @given(st.sampled_from(BACKENDS), st.integers(2, 40), st.floats(0.05, 0.5), st.integers(0, 2**16))
 def test_tome_padded_rows_match_rows_alone(backend_device, N, r, seed):

@@ -1,6 +1,9 @@
 """tokops: GPU kernels that make transformers cheaper per token.
 
-Families: ``tokops.kv`` (quantized KV storage). Every op takes ``backend="auto"|"torch"|"triton"|"cuda"``.
+Families: ``tokops.attention`` (block-sparse attention, per-key attention mass, mask builders),
+``tokops.merge`` (ToMe / PiToMe merging, pruning), ``tokops.kv`` (quantized KV storage, cache,
+decode attention); ``tokops.patch`` (transformers / timm integrations, imported on demand).
+Every op takes ``backend="auto"|"torch"|"triton"|"cuda"``.
 """
 
 from . import _registry

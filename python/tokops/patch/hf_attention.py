@@ -49,22 +49,28 @@ class SparsePolicy:
 DEFAULT_POLICY = SparsePolicy()
 
 
-def _key_padding_bias(attention_mask, B: int, Nk: int) -> torch.Tensor | None:
-    """fp32 ``(B, Nk)`` bias: 0 for real keys, -inf for padding; None when nothing is padded."""
+def key_padding_valid(attention_mask, B: int, Nk: int) -> torch.Tensor | None:
+    """Key validity ``(B, Nk)`` bool from a transformers attention mask (2-D 0/1, or 4-D bool /
+    additive); None when nothing is padded. A 4-D mask is read at its last query row, which sees
+    every key that a padded row may see (also for causal masks)."""
     if attention_mask is None:
         return None
     m = attention_mask
     if m.dim() == 4:
-        m = m[:, 0, -1, :]  # the last query row sees every key a padded row may see
+        m = m[:, 0, -1, :]
         valid = m if m.dtype == torch.bool else m == 0
     elif m.dim() == 2:
         valid = m.bool()
     else:
         raise ValueError(f"attention_mask: expected a 2-D or 4-D mask, got shape {tuple(attention_mask.shape)}")
     valid = valid[:, -Nk:].expand(B, Nk)
-    if bool(valid.all()):
-        return None
-    return torch.where(valid, 0.0, float("-inf")).to(torch.float32).contiguous()
+    return None if bool(valid.all()) else valid.contiguous()
+
+
+def _key_padding_bias(attention_mask, B: int, Nk: int) -> torch.Tensor | None:
+    """fp32 ``(B, Nk)`` bias: 0 for real keys, -inf for padding; None when nothing is padded."""
+    valid = key_padding_valid(attention_mask, B, Nk)
+    return None if valid is None else torch.where(valid, 0.0, float("-inf")).to(torch.float32).contiguous()
 
 
 def block_mask_for(policy: SparsePolicy, q: torch.Tensor, k: torch.Tensor, causal: bool):

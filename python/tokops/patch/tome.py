@@ -36,6 +36,7 @@ import torch
 
 from .. import attention as tka
 from .. import merge as tkm
+from .hf_attention import key_padding_valid
 
 
 @dataclass
@@ -98,29 +99,13 @@ def _unmerge_all(state: ToMeState, x, matchings):
     return x
 
 
-def _key_padding(attention_mask, B: int, N: int) -> torch.Tensor | None:
-    """Key validity ``(B, N)`` bool from a HF attention mask (2-D 0/1, or 4-D bool / additive)."""
-    if attention_mask is None:
-        return None
-    m = attention_mask
-    if m.dim() == 4:
-        m = m[:, 0, 0, :]
-        valid = m if m.dtype == torch.bool else m == 0
-    elif m.dim() == 2:
-        valid = m.bool()
-    else:
-        raise ValueError(f"attention_mask: expected a 2-D or 4-D mask, got shape {tuple(attention_mask.shape)}")
-    valid = valid[:, -N:].expand(B, N)
-    return None if bool(valid.all()) else valid.contiguous()
-
-
 # --------------------------------------------------------------------------- transformers BERT-style
 def _bert_encoder_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Output
 
     state: ToMeState = self._tome_state
     B, N, _ = hidden_states.shape
-    valid = _key_padding(attention_mask, B, N)
+    valid = key_padding_valid(attention_mask, B, N)
     size = torch.ones_like(hidden_states[..., :1])
     matchings, x = [], hidden_states
     state.tokens_per_layer = []
