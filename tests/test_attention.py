@@ -492,6 +492,18 @@ def test_cuda_forward_kernel_rejects_bad_input_directly():
                                                     1.0, None)
 
 
+@pytest.mark.cuda
+def test_explicit_cuda_backend_is_not_a_silent_fallback():
+    """backend='cuda' on a case the CUDA kernel does not cover is an error; 'auto' runs Triton there."""
+    if not tokops.cuda_compiled():
+        pytest.skip("CUDA kernels not built")
+    q, k, v, _ = _inputs(1, 2, 2, 64, 64, 32, torch.float16, "cuda")  # head dim 32: not a CUDA-kernel case
+    with pytest.raises(ValueError, match="backend='cuda' cannot run this call"):
+        tokops.attention.block_sparse_attention(q, k, v, None, backend="cuda")
+    out = tokops.attention.block_sparse_attention(q, k, v, None, backend="auto")
+    torch.testing.assert_close(out, tokops.attention.block_sparse_attention(q, k, v, None, backend="triton"))
+
+
 _AOT_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget

@@ -6,11 +6,13 @@ from benchmarks import run
 
 
 def test_harness_smoke(tmp_path):
-    assert "kv" in run.families()
-    assert run.main(["--family", "kv", "--quick", "--out", str(tmp_path)]) == 0
+    assert {"attention", "kv", "kv_cache", "merge"} <= set(run.families())
+    assert run.main(["--quick", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["env"]["date_utc"] and data["env"]["torch"] and data["env"]["device"]
-    rows = [r for r in data["rows"] if "error" not in r]
+    assert not [r for r in data["rows"] if "error" in r]
+    rows = data["rows"]
+    assert {r["family"] for r in rows} == {"attention", "kv", "merge"}
     assert rows and all(r["time_ms"] > 0 and r["speedup"] > 0 for r in rows)
     assert any(r["impl"] == "tokops triton" for r in rows) or data["env"]["device_kind"] == "cuda"
     report = (tmp_path / "report.md").read_text()

@@ -100,31 +100,37 @@ reg.implements("block_sparse_attn_bwd", "triton", "tokops.triton_kernels.block_s
 reg.implements("attn_key_mass", "triton", "tokops.triton_kernels.block_sparse_attn:key_mass")
 
 
-def cuda_kernel_supports(q, k, v, block_q: int, block_k: int) -> bool:
-    """Cases the CUDA forward kernel covers (fp16/bf16, head dim 64/128, mask blocks multiple of 64,
-    16-byte aligned data, sm_80+); the CUDA backend runs the Triton kernel for everything else."""
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
-        return False
+def cuda_kernel_unsupported(q, k, v, block_q: int, block_k: int) -> str | None:
+    """Why the CUDA forward kernel cannot take this call (None when it can): it covers fp16/bf16,
+    head dim 64/128, mask blocks multiple of 64, 16-byte aligned data, sm_80+."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"it takes fp16/bf16, got {q.dtype}"
+    if q.shape[-1] not in (64, 128):
+        return f"it takes head dim 64 or 128, got {q.shape[-1]}"
     if block_q % 64 or block_k % 64:
-        return False
+        return f"it takes mask blocks that are multiples of 64, got {block_q}x{block_k}"
     if any(t.data_ptr() % 16 for t in (q, k, v)):
-        return False
-    return torch.cuda.get_device_capability(q.device)[0] >= 8
+        return "it needs 16-byte aligned q/k/v"
+    if torch.cuda.get_device_capability(q.device)[0] < 8:
+        return "it needs sm_80 or newer"
+    return None
 
 
-_fwd_cuda_kernel = reg.cuda_op("block_sparse_attn_fwd")
-
-
-def _fwd_cuda(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias):
-    if cuda_kernel_supports(q, k, v, block_q, block_k):
-        return _fwd_cuda_kernel(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias)
-    from tokops.triton_kernels import block_sparse_attn as triton_impl
-
-    return triton_impl.fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias)
+def _fwd_backend(backend: str, q, k, v, mask: BlockMask) -> str:
+    """Resolve ``backend`` for the forward: ``auto`` takes the CUDA kernel only where it applies
+    (else Triton); an explicit ``"cuda"`` that cannot run this call is an error, not a fallback."""
+    be = reg.resolve_backend("block_sparse_attn_fwd", backend, q.device)
+    if be == "cuda":
+        why = cuda_kernel_unsupported(q, k, v, mask.block_q, mask.block_k)
+        if why is not None:
+            if backend == "cuda":
+                raise ValueError(f"q: backend='cuda' cannot run this call: {why}; use backend='auto' or 'triton'")
+            be = "triton" if reg.triton_available() else "torch"
+    return be
 
 
 # The CUDA backend has a forward kernel only; its backward and key-mass passes are the Triton kernels.
-reg.implements("block_sparse_attn_fwd", "cuda", _fwd_cuda)
+reg.implements("block_sparse_attn_fwd", "cuda", reg.cuda_op("block_sparse_attn_fwd"))
 
 
 def _companion_backend(backend: str) -> str:
@@ -179,7 +185,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     ``return_lse``.  Differentiable in ``q``, ``k``, ``v`` and ``key_bias`` (and through ``lse``).
     """
     mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask)
-    be = reg.resolve_backend("block_sparse_attn_fwd", backend, q.device)
+    be = _fwd_backend(backend, q, k, v, mask)
     out, lse = _fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_q, mask.block_k, causal, scale,
                        key_bias, be)
     return (out, lse) if return_lse else out
@@ -199,7 +205,7 @@ def attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     H2O / SnapKV style KV eviction or ToMe/PiToMe-style token importance).
     """
     mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask)
-    be = reg.resolve_backend("block_sparse_attn_fwd", backend, q.device)
+    be = _fwd_backend(backend, q, k, v, mask)
     out, lse = _fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_q, mask.block_k, causal, scale,
                        key_bias, be)
     qn, qi = transpose_csr(mask.kv_num_blocks, mask.kv_indices)
