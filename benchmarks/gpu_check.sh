@@ -18,7 +18,9 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
   export TORCH_CUDA_ARCH_LIST
 fi
-export MAX_JOBS=${MAX_JOBS:-$(nproc)} TOKOPS_CUDA=1
+# TOKOPS_AUTO_CUDA=1: let backend="auto" take every built CUDA kernel, so the tests exercise the
+# auto paths with them too (by default auto uses only the kernels in _registry.GPU_VERIFIED_CUDA).
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} TOKOPS_CUDA=1 TOKOPS_AUTO_CUDA=1
 t0=$(date +%s)
 echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUTDIR/build.log" 2>&1

@@ -59,6 +59,21 @@ def test_auto_on_cpu_is_torch():
     assert _registry.resolve_backend("kv_quantize", "auto", torch.device("cpu")) == "torch"
 
 
+def test_auto_takes_only_gpu_verified_cuda_kernels(monkeypatch):
+    """On a GPU, auto picks a CUDA kernel only once it is verified there (or TOKOPS_AUTO_CUDA=1)."""
+    monkeypatch.setattr(_registry, "cuda_compiled", lambda: True)
+    monkeypatch.setattr(_registry, "triton_available", lambda: True)
+    monkeypatch.delenv("TOKOPS_AUTO_CUDA", raising=False)
+    gpu = torch.device("cuda")
+    assert _registry.resolve_backend("kv_quantize", "auto", gpu) == "triton"
+    monkeypatch.setattr(_registry, "GPU_VERIFIED_CUDA", frozenset({"kv_quantize"}))
+    assert _registry.resolve_backend("kv_quantize", "auto", gpu) == "cuda"
+    assert _registry.resolve_backend("kv_dequantize", "auto", gpu) == "triton"
+    monkeypatch.setenv("TOKOPS_AUTO_CUDA", "1")
+    assert _registry.resolve_backend("kv_dequantize", "auto", gpu) == "cuda"
+    assert _registry.resolve_backend("kv_dequantize", "auto", torch.device("cpu")) == "torch"
+
+
 def test_missing_implementation_is_a_clear_error():
     _registry._IMPLS["__probe"] = {"torch": lambda: None}
     try:

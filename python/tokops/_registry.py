@@ -167,11 +167,24 @@ def implementations() -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------- backend choice
+# CUDA kernels that ``auto`` may choose. A CUDA kernel is added here only after a GPU session ran
+# its tests (``bash benchmarks/gpu_check.sh``) and they passed. Until then ``auto`` runs the Triton
+# kernel on a GPU (tested under the interpreter and compile-checked for sm_80/sm_90), and the CUDA
+# kernel runs only when asked for with ``backend="cuda"``: an untested kernel is never the silent
+# default. ``TOKOPS_AUTO_CUDA=1`` lets ``auto`` take every built CUDA kernel (gpu_check.sh sets it).
+GPU_VERIFIED_CUDA: frozenset[str] = frozenset()
+
+
+def auto_may_use_cuda(name: str) -> bool:
+    return name in GPU_VERIFIED_CUDA or os.environ.get("TOKOPS_AUTO_CUDA", "0") == "1"
+
+
 def resolve_backend(name: str, backend: str, device: torch.device) -> str:
     """Turn ``backend`` ("auto" or a concrete name) into the backend that will run ``name``.
 
-    ``auto``: the CUDA kernel if built and the tensors are on a GPU, else Triton on
-    a GPU, else the pure-torch path.  An explicit backend that cannot run raises.
+    ``auto``: the CUDA kernel if built, verified on a GPU (:data:`GPU_VERIFIED_CUDA`) and the
+    tensors are on a GPU, else Triton on a GPU, else the pure-torch path.  An explicit backend
+    that cannot run raises.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of {BACKENDS}; got {type(backend).__name__}")
@@ -179,7 +192,7 @@ def resolve_backend(name: str, backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     on_gpu = device.type == "cuda"
     if backend == "auto":
-        if on_gpu and has_impl(name, "cuda") and cuda_compiled():
+        if on_gpu and has_impl(name, "cuda") and cuda_compiled() and auto_may_use_cuda(name):
             return "cuda"
         if on_gpu and has_impl(name, "triton") and triton_available():
             return "triton"
