@@ -124,3 +124,44 @@ def test_tome_padded_rows_match_rows_alone(backend_device, N, r, seed):
         torch.testing.assert_close(merged[i:i + 1, :k].cpu(), alone.cpu(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(size[i:i + 1, :k].cpu(), alone_size.cpu())
         assert (size[i, k:] == 0).all() and (merged[i, k:] == 0).all()
+
+
+# --------------------------------------------------------------------------- pruning and PiToMe
+@settings(max_examples=30, **SETTINGS)
+@given(st.sampled_from(BACKENDS), st.integers(1, 3), st.integers(1, 50), st.sampled_from([4, 16, 48]),
+       st.one_of(st.integers(-1, 60), st.floats(0.0, 1.2)), st.integers(0, 2**16))
+def test_prune_topk_scatter_back_fuzz(backend_device, B, N, C, keep, seed):
+    backend, device = backend_device
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, C, generator=g)
+    scores = torch.randn(B, N, generator=g)
+    try:
+        kept, idx = tokops.merge.prune_topk(x.to(device), scores.to(device), keep, backend=backend)
+    except (ValueError, TypeError) as e:
+        assert "keep" in str(e), e
+        bad = (isinstance(keep, int) and not 1 <= keep <= N) or (isinstance(keep, float) and not 0 < keep <= 1)
+        assert bad, (keep, e)
+        return
+    k = keep if isinstance(keep, int) else max(1, int(keep * N))
+    exp_idx = scores.topk(k, dim=1).indices.sort(dim=1).values
+    assert torch.equal(idx.cpu(), exp_idx)
+    torch.testing.assert_close(kept.cpu(), x.gather(1, exp_idx[..., None].expand(B, k, C)))
+    back = tokops.merge.scatter_back(kept, idx, N, backend=backend).cpu()
+    expected = torch.zeros_like(x).scatter(1, exp_idx[..., None].expand(B, k, C), kept.cpu())
+    torch.testing.assert_close(back, expected)
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(st.sampled_from(BACKENDS), st.integers(1, 2), st.integers(1, 70), st.sampled_from([3, 16, 40]),
+       st.floats(-0.9, 0.9), st.floats(0.1, 2.0), st.sampled_from(["design", "elu"]), st.integers(0, 2**16))
+def test_pitome_energy_fuzz(backend_device, B, N, C, margin, alpha, formula, seed):
+    """Margins stay away from 1: the paper's f jumps by m at s = m, and cos(x, x) = 1 up to fp32
+    rounding, so m = 1 would compare two valid roundings of a discontinuity."""
+    from tokops.merge import reference as mref
+
+    backend, device = backend_device
+    metric = torch.randn(B, N, C, generator=torch.Generator().manual_seed(seed))
+    e = tokops.merge.pitome_energy(metric.to(device), margin, alpha, formula=formula, backend=backend)
+    exp = mref.pitome_energy(metric, margin, alpha, formula, score_dtype=torch.float64)
+    assert e.shape == (B, N) and e.dtype == torch.float32 and not e.isnan().any()
+    torch.testing.assert_close(e.cpu().double(), exp.double(), atol=1e-5, rtol=1e-5)
