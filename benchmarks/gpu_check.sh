@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]      # OUTDIR default: $OUT or benchmarks/results/local/gpu
 #
-# Results land in OUTDIR: build.log, tests.log, junit.xml, report.md, results.json, speedup.png, summary.txt.
+# Results land in OUTDIR (7 files, within the device tool's 8-file limit): build.log, tests.log,
+# bench.log, report.md, results.json, speedup.png, summary.txt (with `python -m tokops.info`).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -27,10 +28,10 @@ $PY -m pip install --no-build-isolation --no-deps -e . >"$OUTDIR/build.log" 2>&1
 build_rc=$?
 tail -n 3 "$OUTDIR/build.log"
 t_build=$(( $(date +%s) - t0 ))
-$PY -m tokops.info | tee "$OUTDIR/info.json"
+info=$($PY -m tokops.info 2>&1)
+echo "$info" | head -n 14
 echo "== tests"
-TOKOPS_REQUIRE_CUDA_BUILD=1 $PY -m pytest -q -p no:cacheprovider tests --junitxml="$OUTDIR/junit.xml" \
-  >"$OUTDIR/tests.log" 2>&1
+TOKOPS_REQUIRE_CUDA_BUILD=1 $PY -m pytest -q -p no:cacheprovider tests >"$OUTDIR/tests.log" 2>&1
 test_rc=$?
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -n 40
 tail -n 1 "$OUTDIR/tests.log"
@@ -43,5 +44,6 @@ t_all=$(( $(date +%s) - t0 ))
   echo "tokops gpu_check $(date -u '+%Y-%m-%d %H:%M UTC')"
   $PY -c "import torch, triton; print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)"
   echo "build rc=$build_rc (${t_build}s) | tests rc=$test_rc (${t_tests}s): $(tail -n 1 "$OUTDIR/tests.log") | bench rc=$bench_rc | total ${t_all}s"
+  echo "$info"
 } | tee "$OUTDIR/summary.txt"
 [ "$build_rc" = 0 ] && [ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]
