@@ -375,7 +375,7 @@ def test_opcheck(backend_device):
     torch.library.opcheck(torch.ops.tokops.block_sparse_attn_fwd.default, args)
     out, lse = torch.ops.tokops.block_sparse_attn_fwd(*args)
     qn, qi = m.transpose()
-    be = "triton" if backend == "cuda" else backend  # the CUDA backend's backward / mass are the Triton kernels
+    be = "triton" if backend == "cuda" else backend  # fp32 / head dim 16: not a CUDA-kernel case; mass is Triton
     bargs = (torch.randn_like(out), q, k, v, out, lse, None, m.kv_num_blocks, m.kv_indices, qn, qi, 16, 16, True,
              D ** -0.5, bias, be)
     torch.library.opcheck(torch.ops.tokops.block_sparse_attn_bwd.default, bargs)
@@ -502,6 +502,138 @@ def test_explicit_cuda_backend_is_not_a_silent_fallback():
         tokops.attention.block_sparse_attention(q, k, v, None, backend="cuda")
     out = tokops.attention.block_sparse_attention(q, k, v, None, backend="auto")
     torch.testing.assert_close(out, tokops.attention.block_sparse_attention(q, k, v, None, backend="triton"))
+
+
+CUDA_BWD_CASES = [
+    # (B, H, Hkv, Nq, Nk, D, block_q, block_k, causal, bias_dim, with_dlse)
+    (2, 4, 2, 300, 333, 64, 64, 64, False, 3, True),  # GQA, ragged, per-head bias, gradient through lse
+    (1, 4, 1, 200, 130, 128, 128, 128, True, 2, False),  # MQA, head dim 128, bottom-right causal with Nq > Nk
+    (2, 2, 2, 130, 260, 64, 64, 128, True, None, True),  # Nq < Nk causal, mixed block sizes, no bias
+    (1, 2, 2, 200, 100, 128, 128, 64, False, None, False),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CUDA_BWD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cuda_backward_kernel(dtype, case):
+    """The CUDA backward kernel itself (called directly through torch.ops, so no Triton fallback)
+    against the float64 autograd gradients of the reference: dq, dk, dv (summed over the GQA group)
+    and dbias, with empty rows (a query block without key blocks) and a gradient through lse."""
+    if not tokops.cuda_compiled():
+        pytest.skip("CUDA kernels not built")
+    B, H, Hkv, Nq, Nk, D, bq, bk, causal, bias_dim, with_dlse = case
+    scale = D ** -0.5
+    q, k, v, bias = _inputs(B, H, Hkv, Nq, Nk, D, dtype, "cuda", seed=Nq + D, bias_dim=bias_dim)
+    dense = _random_dense(B, H, math.ceil(Nq / bq), math.ceil(Nk / bk), seed=Nk)
+    m = BlockMask.from_dense(dense.cuda(), bq, bk, Nq, Nk)
+    qn, qi = m.transpose()
+    num, idx = m.kv_num_blocks.cpu(), m.kv_indices.cpu()
+    cpu_bias = None if bias is None else bias.cpu()
+    out, lse = ref.fwd(q.cpu(), k.cpu(), v.cpu(), num, idx, bq, bk, causal, scale, cpu_bias)
+    assert lse.isinf().any()  # the empty rows are exercised
+    g = torch.Generator().manual_seed(7)
+    gout = torch.randn(q.shape, generator=g).to(dtype)
+    glse = torch.randn(lse.shape, generator=g) if with_dlse else None
+    dq, dk, dv, dbias = torch.ops.tokops.block_sparse_attn_bwd_cuda(
+        gout.cuda(), q, k, v, out.cuda(), lse.cuda(), None if glse is None else glse.cuda(), m.kv_num_blocks,
+        m.kv_indices, qn, qi, bq, bk, causal, scale, bias)
+    got = {"dq": dq, "dk": dk, "dv": dv}
+    if bias is not None:
+        got["dbias"] = dbias if bias_dim == 3 else dbias.sum(1)
+    else:
+        assert dbias.numel() == 0
+
+    def grads(dt):
+        leaves = [t.detach().cpu().to(dt).requires_grad_(True) for t in (q, k, v)]
+        if bias is not None:
+            leaves.append(bias.detach().cpu().to(dt).requires_grad_(True))
+        rb = leaves[3] if bias is not None else None
+        ro, rl = ref.attention(*leaves[:3], num, idx, bq, bk, causal, scale, rb, dtype=dt)
+        loss = (ro * gout.to(dt)).sum()
+        if glse is not None:
+            loss = loss + (torch.where(rl.isinf(), 0, rl) * glse.to(dt)).sum()
+        return dict(zip(("dq", "dk", "dv", "dbias"), torch.autograd.grad(loss, leaves)))
+
+    exp, base = grads(torch.float64), grads(dtype)
+    floor = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    for name, t in got.items():
+        assert not t.isnan().any(), name
+        assert t.shape == exp[name].shape, name
+        _check_close(t, exp[name], base[name], floor)
+
+
+@pytest.mark.cuda
+def test_cuda_backward_through_autograd_and_opcheck(monkeypatch):
+    """backend='cuda': the backward of the CUDA forward runs the CUDA backward kernel (fp16, D 64,
+    blocks 64) and agrees with the Triton backward; the op passes opcheck on the CUDA backend."""
+    if not tokops.cuda_compiled():
+        pytest.skip("CUDA kernels not built")
+    monkeypatch.setenv("TOKOPS_AUTO_CUDA", "1")  # whatever GPU_VERIFIED_CUDA holds, take the CUDA backward
+    from tokops.attention import ops
+
+    B, H, N, D = 1, 2, 150, 64
+    q, k, v, bias = _inputs(B, H, 1, N, N, D, torch.float16, "cuda", seed=3, bias_dim=2)
+    mask = causal_block_mask(N, block_q=64, device="cuda")
+    out = torch.empty(q.shape, dtype=q.dtype, device="cuda")
+    assert ops._bwd_backend("cuda", out, q, k, v, out, 64, 64) == "cuda"
+    misaligned = torch.empty(q.numel() + 1, dtype=q.dtype, device="cuda")[1:].view(q.shape)
+    assert ops._bwd_backend("cuda", misaligned, q, k, v, out, 64, 64) == "triton"
+    assert ops._bwd_backend("cuda", out, q.float(), k.float(), v.float(), out, 64, 64) == "triton"
+    assert ops._bwd_backend("cuda", out, q, k, v, out, 32, 64) == "triton"
+
+    def run(backend):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, bias)]
+        o = block_sparse_attention(*leaves[:3], mask, causal=True, key_bias=leaves[3], backend=backend)
+        gout = torch.randn(o.shape, generator=torch.Generator().manual_seed(0)).to(o)
+        return torch.autograd.grad((o.float() * gout.float()).sum(), leaves)
+
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), run("cuda"), run("triton")):
+        assert not a.isnan().any(), name
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2, msg=name)
+    full = BlockMask.from_dense(mask.to_dense().expand(B, H, -1, -1).contiguous(), 64, 64, N, N)
+    o, lse = torch.ops.tokops.block_sparse_attn_fwd(q, k, v, full.kv_num_blocks, full.kv_indices, 64, 64, True,
+                                                    D ** -0.5, bias, "cuda")
+    qn, qi = full.transpose()
+    torch.library.opcheck(torch.ops.tokops.block_sparse_attn_bwd.default,
+                          (torch.randn_like(o), q, k, v, o, lse, torch.randn_like(lse), full.kv_num_blocks,
+                           full.kv_indices, qn, qi, 64, 64, True, D ** -0.5, bias, "cuda"))
+
+
+@pytest.mark.cuda
+def test_cuda_backward_kernel_rejects_bad_input_directly():
+    if not tokops.cuda_compiled():
+        pytest.skip("CUDA kernels not built")
+    B, H, N, D = 1, 2, 64, 64
+    q, k, v, _ = _inputs(B, H, H, N, N, D, torch.float16, "cuda")
+    m = causal_block_mask(N, block_q=64, device="cuda")
+    qn, qi = m.transpose()
+    out = torch.randn_like(q)
+    lse = torch.zeros(B, H, N, device="cuda")
+    args = [out, q, k, v, out, lse, None, m.kv_num_blocks, m.kv_indices, qn, qi, 64, 64, False, 1.0, None]
+    op = torch.ops.tokops.block_sparse_attn_bwd_cuda
+
+    def bad(i, value, match):
+        a = list(args)
+        a[i] = value
+        with pytest.raises(RuntimeError, match=match):
+            op(*a)
+
+    d32 = lambda t: t[..., :32].contiguous()  # noqa: E731
+    with pytest.raises(RuntimeError, match="head dim"):
+        op(d32(out), d32(q), d32(k), d32(v), d32(out), lse, None, m.kv_num_blocks, m.kv_indices, qn, qi, 64, 64,
+           False, 1.0, None)
+    bad(8, m.kv_indices.long(), "kv_indices")
+    bad(10, qi[..., :0], "q_indices")
+    bad(9, qn.long(), "q_num_blocks")
+    bad(0, out[:, :, :32], "dout")
+    bad(5, lse[:, :1], "lse")
+    bad(6, torch.zeros(B, H, N + 1, device="cuda"), "dlse")
+    bad(15, torch.zeros(B, N + 3, device="cuda"), "key_bias")
+    bad(1, q.float(), "float16 or bfloat16")
+    bad(1, q.transpose(2, 3), "contiguous")
+    bad(11, 32, "multiples of 64")
+    bad(2, k.cpu(), "CUDA")
 
 
 _AOT_SCRIPT = r"""

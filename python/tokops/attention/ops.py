@@ -129,12 +129,37 @@ def _fwd_backend(backend: str, q, k, v, mask: BlockMask) -> str:
     return be
 
 
-# The CUDA backend has a forward kernel only; its backward and key-mass passes are the Triton kernels.
+# The CUDA backend has forward and backward kernels (same coverage: cuda_kernel_unsupported); its
+# key-mass pass is the Triton kernel.
 reg.implements("block_sparse_attn_fwd", "cuda", reg.cuda_op("block_sparse_attn_fwd"))
+reg.implements("block_sparse_attn_bwd", "cuda", reg.cuda_op("block_sparse_attn_bwd"))
 
 
 def _companion_backend(backend: str) -> str:
     return "triton" if backend == "cuda" else backend
+
+
+def _bwd_backend(backend: str, dout, q, k, v, out, block_q: int, block_k: int) -> str:
+    """Backend of the backward of a forward that ran on ``backend``.
+
+    After a CUDA forward the CUDA backward kernel runs where it covers the call (the forward's
+    cases, plus 16-byte aligned ``dout``/``out``), else the Triton backward: a forward that ran
+    on CUDA -- explicitly asked for or chosen by ``auto`` -- never fails in its backward.  Like
+    ``auto`` for the forward, the untested-on-a-GPU CUDA backward is only taken when ``auto``
+    could not have picked the CUDA forward by itself (so ``backend="cuda"`` was explicit) or when
+    ``auto`` may take the CUDA backward too (GPU_VERIFIED_CUDA / ``TOKOPS_AUTO_CUDA=1``)."""
+    if backend != "cuda":
+        return backend
+    fallback = "triton" if reg.triton_available() else "torch"
+    if not reg.cuda_compiled() or not reg.has_impl("block_sparse_attn_bwd", "cuda"):
+        return fallback
+    if reg.auto_may_use_cuda("block_sparse_attn_fwd") and not reg.auto_may_use_cuda("block_sparse_attn_bwd"):
+        return fallback
+    if cuda_kernel_unsupported(q, k, v, block_q, block_k) is not None:
+        return fallback
+    if any(t.data_ptr() % 16 for t in (dout, out)):
+        return fallback
+    return "cuda"
 
 
 def _setup_context(ctx, inputs, output):
@@ -151,8 +176,12 @@ def _backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     qn, qi = transpose_csr(num, idx)
+    dout = dout.contiguous()  # autograd may hand an expanded (stride-0) gradient
+    if dlse is not None:
+        dlse = dlse.contiguous()
+    be = _bwd_backend(backend, dout, q, k, v, out, block_q, block_k)
     dq, dk, dv, dbias = _bwd_op(dout, q, k, v, out, lse, dlse, num, idx, qn, qi, block_q, block_k, causal, scale,
-                                key_bias, _companion_backend(backend))
+                                key_bias, be)
     if ctx.bias_dim is None:
         dbias = None
     elif ctx.bias_dim == 2:
@@ -183,6 +212,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
     Returns ``out (B, H, Nq, D)`` in the input dtype, and ``lse (B, H, Nq)`` fp32 (natural log) with
     ``return_lse``.  Differentiable in ``q``, ``k``, ``v`` and ``key_bias`` (and through ``lse``).
+    The backward of a CUDA forward runs the CUDA backward kernel where it covers the call, else the
+    Triton backward (e.g. for a ``dout`` that is not 16-byte aligned; see ``_bwd_backend``).
     """
     mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask)
     be = _fwd_backend(backend, q, k, v, mask)
