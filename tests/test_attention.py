@@ -367,20 +367,22 @@ def test_bad_inputs(case):
 # --------------------------------------------------------------------------- registry / compile
 def test_opcheck(backend_device):
     backend, device = backend_device
-    B, H, N, D = 1, 2, 40, 16
-    q, k, v, bias = _inputs(B, H, 1, N, N, D, torch.float32, device, bias_dim=2)
-    m = causal_block_mask(N, block_q=16, device=device)
-    m = BlockMask.from_dense(m.to_dense().expand(B, H, -1, -1).contiguous(), 16, 16, N, N)
-    args = (q, k, v, m.kv_num_blocks, m.kv_indices, 16, 16, True, D ** -0.5, bias, backend)
+    # the CUDA kernels take fp16/bf16, head dim 64/128, blocks multiple of 64: give them such a case
+    cuda = backend == "cuda"
+    B, H, N, D, blk, dt = (1, 2, 130, 64, 64, torch.float16) if cuda else (1, 2, 40, 16, 16, torch.float32)
+    q, k, v, bias = _inputs(B, H, 1, N, N, D, dt, device, bias_dim=2)
+    m = causal_block_mask(N, block_q=blk, device=device)
+    m = BlockMask.from_dense(m.to_dense().expand(B, H, -1, -1).contiguous(), blk, blk, N, N)
+    args = (q, k, v, m.kv_num_blocks, m.kv_indices, blk, blk, True, D ** -0.5, bias, backend)
     torch.library.opcheck(torch.ops.tokops.block_sparse_attn_fwd.default, args)
     out, lse = torch.ops.tokops.block_sparse_attn_fwd(*args)
     qn, qi = m.transpose()
-    be = "triton" if backend == "cuda" else backend  # fp32 / head dim 16: not a CUDA-kernel case; mass is Triton
-    bargs = (torch.randn_like(out), q, k, v, out, lse, None, m.kv_num_blocks, m.kv_indices, qn, qi, 16, 16, True,
-             D ** -0.5, bias, be)
+    bargs = (torch.randn_like(out), q, k, v, out, lse, None, m.kv_num_blocks, m.kv_indices, qn, qi, blk, blk, True,
+             D ** -0.5, bias, backend)
     torch.library.opcheck(torch.ops.tokops.block_sparse_attn_bwd.default, bargs)
+    mass_be = "triton" if cuda else backend  # no CUDA key-mass kernel: the CUDA backend uses Triton's
     torch.library.opcheck(torch.ops.tokops.attn_key_mass.default,
-                          (q, k, lse, qn, qi, 16, 16, True, D ** -0.5, bias, be))
+                          (q, k, lse, qn, qi, blk, blk, True, D ** -0.5, bias, mass_be))
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
