@@ -28,14 +28,12 @@
 #include <climits>
 
 #include "../common.h"
+#include "attn_common.cuh"
 
 namespace tokops {
 namespace {
 
-constexpr int kBM = 64;        // query rows per tile
-constexpr int kBN = 64;        // keys per tile
-constexpr int kThreads = 128;  // 4 warps x 16 rows
-constexpr float kLog2e = 1.4426950408889634f;
+using namespace attn;  // kBM, kBN, kThreads, kLog2e, conversions, warp reductions, load_tile, checks
 
 struct BwdParams {
   const void* q;
@@ -64,35 +62,6 @@ struct BwdParams {
   float scale;
   bool causal, has_bias, has_dlse;
 };
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-// Copy `rows` x D elements (row stride `ld` in global memory) into a dense smem tile, zero-filling
-// rows past `valid`. 16-byte vector copies (D is a multiple of 8 and rows are 16-byte aligned).
-template <typename T, int D>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int rows, int valid) {
-  constexpr int kVec = 8;  // 8 x 16-bit = 16 bytes
-  constexpr int kPerRow = D / kVec;
-  for (int i = threadIdx.x; i < rows * kPerRow; i += kThreads) {
-    const int r = i / kPerRow, c = (i % kPerRow) * kVec;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (r < valid) val = *reinterpret_cast<const uint4*>(src + r * ld + c);
-    *reinterpret_cast<uint4*>(dst + r * D + c) = val;
-  }
-}
 
 // ---------------------------------------------------------------------------------------- delta
 template <typename T>
@@ -448,42 +417,14 @@ void launch(const BwdParams& prm, int B, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void check_csr(const at::Tensor& num, const at::Tensor& idx, const char* num_name, const char* idx_name, int64_t B,
-               int64_t H, int64_t rows, int64_t cols) {
-  TOKOPS_CHECK_CUDA(num);
-  TOKOPS_CHECK_CUDA(idx);
-  TORCH_CHECK(num.scalar_type() == at::kInt, num_name, " must have dtype int32, got ", num.scalar_type());
-  TORCH_CHECK(idx.scalar_type() == at::kInt, idx_name, " must have dtype int32, got ", idx.scalar_type());
-  TORCH_CHECK(num.dim() == 3 && idx.dim() == 4, num_name, " must be 3-D and ", idx_name, " 4-D, got ", num.sizes(),
-              " and ", idx.sizes());
-  TORCH_CHECK((idx.size(0) == B || idx.size(0) == 1) && (idx.size(1) == H || idx.size(1) == 1) &&
-                  idx.size(2) == rows && idx.size(3) == cols,
-              idx_name, " has shape ", idx.sizes(), ", expected (B|1, H|1, ", rows, ", ", cols, ")");
-  TORCH_CHECK(num.size(0) == idx.size(0) && num.size(1) == idx.size(1) && num.size(2) == rows, num_name,
-              " has shape ", num.sizes(), " which does not match ", idx_name, " ", idx.sizes());
-  TORCH_CHECK(idx.stride(3) == 1, idx_name, " must be contiguous in its last dim");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out_in,
     const at::Tensor& lse_in, const std::optional<at::Tensor>& dlse_in, const at::Tensor& kv_num_blocks,
     const at::Tensor& kv_indices, const at::Tensor& q_num_blocks, const at::Tensor& q_indices, int64_t block_q,
     int64_t block_k, bool causal, double scale, const std::optional<at::Tensor>& key_bias) {
-  for (const at::Tensor* t : {&dout_in, &q, &k, &v, &out_in, &lse_in}) TOKOPS_CHECK_CUDA(*t);
-  TOKOPS_CHECK_CONTIG(q);
-  TOKOPS_CHECK_CONTIG(k);
-  TOKOPS_CHECK_CONTIG(v);
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "q must be float16 or bfloat16 for the CUDA kernel, got ", q.scalar_type());
-  TOKOPS_CHECK_DTYPE(k, q.scalar_type());
-  TOKOPS_CHECK_DTYPE(v, q.scalar_type());
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, N, D)");
-  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Nk = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0, "k has shape ", k.sizes(),
-              " which does not match q ", q.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(D == 64 || D == 128, "head dim must be 64 or 128 for the CUDA kernel, got ", D);
+  for (const at::Tensor* t : {&dout_in, &out_in, &lse_in}) TOKOPS_CHECK_CUDA(*t);
+  const QKVShape s = check_qkv(q, k, v);
+  const int64_t B = s.B, H = s.H, Nq = s.Nq, D = s.D, Hkv = s.Hkv, Nk = s.Nk;
   TORCH_CHECK(dout_in.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), ", got ", dout_in.sizes());
   TORCH_CHECK(out_in.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out_in.sizes());
   TOKOPS_CHECK_DTYPE(dout_in, q.scalar_type());
@@ -491,10 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
   TOKOPS_CHECK_DTYPE(lse_in, at::kFloat);
   TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == Nq,
               "lse must have shape (B, H, Nq) = (", B, ", ", H, ", ", Nq, "), got ", lse_in.sizes());
-  TORCH_CHECK(block_q % kBM == 0 && block_k % kBN == 0 && block_q > 0 && block_k > 0 && block_q <= 256 &&
-                  block_k <= 256,
-              "block_q and block_k must be multiples of 64 (at most 256) for the CUDA kernel, got ", block_q, ", ",
-              block_k);
+  check_blocks(block_q, block_k);
   const int64_t nQ = (Nq + block_q - 1) / block_q, nK = (Nk + block_k - 1) / block_k;
   check_csr(kv_num_blocks, kv_indices, "kv_num_blocks", "kv_indices", B, H, nQ, nK);
   check_csr(q_num_blocks, q_indices, "q_num_blocks", "q_indices", B, H, nK, nQ);
@@ -511,12 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
   at::Tensor bias;
   if (has_bias) {
     bias = *key_bias;
-    TOKOPS_CHECK_CUDA(bias);
-    TOKOPS_CHECK_CONTIG(bias);
-    TOKOPS_CHECK_DTYPE(bias, at::kFloat);
-    TORCH_CHECK((bias.dim() == 2 && bias.size(0) == B && bias.size(1) == Nk) ||
-                    (bias.dim() == 3 && bias.size(0) == B && bias.size(1) == H && bias.size(2) == Nk),
-                "key_bias must be (B, Nk) or (B, H, Nk), got ", bias.sizes());
+    check_key_bias(bias, B, H, Nk);
   }
   TORCH_CHECK(B * H <= std::numeric_limits<int32_t>::max() && nQ * block_q / kBM <= 65535 &&
                   nK * block_k / kBN <= 65535,
@@ -527,9 +460,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
   for (const at::Tensor* t : {&q, &k, &v, &dout, &out})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "q, k, v, dout, out must be 16-byte aligned");
   const c10::cuda::CUDAGuard guard(q.device());
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(prop->major >= 8, "the block-sparse attention CUDA kernel needs sm_80 or newer, got sm_", prop->major,
-              prop->minor);
+  check_sm80();
   for (const at::Tensor* t : {&k, &v, &dout, &out, &lse, &kv_num_blocks, &kv_indices, &q_num_blocks, &q_indices})
     TORCH_CHECK(t->device() == q.device(), "all tensors must be on the device of q (", q.device(), "), got ",
                 t->device());

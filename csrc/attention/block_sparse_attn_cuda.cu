@@ -19,14 +19,13 @@
 #include <mma.h>
 
 #include "../common.h"
+#include "attn_common.cuh"
 
 namespace tokops {
 namespace {
 
-constexpr int kBM = 64;
-constexpr int kBN = 64;
-constexpr int kThreads = 128;  // 4 warps x 16 query rows
-constexpr float kLog2e = 1.4426950408889634f;
+using namespace attn;  // kBM, kBN, kThreads, kLog2e, conversions, warp reductions, load_tile, checks
+
 constexpr float kLn2 = 0.6931471805599453f;
 
 struct FwdParams {
@@ -44,36 +43,6 @@ struct FwdParams {
   float qk_scale;  // scale * log2(e)
   bool causal, has_bias;
 };
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float warp_max(float x) {
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-// Copy `rows` x D elements (row stride `ld` in global memory) into a dense smem tile, zero-filling
-// rows past `valid`. 16-byte vector copies (D is a multiple of 8 and rows are 16-byte aligned).
-template <typename T, int D>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int rows, int valid) {
-  constexpr int kVec = 8;  // 8 x 16-bit = 16 bytes
-  constexpr int kPerRow = D / kVec;
-  for (int i = threadIdx.x; i < rows * kPerRow; i += kThreads) {
-    const int r = i / kPerRow, c = (i % kPerRow) * kVec;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (r < valid) val = *reinterpret_cast<const uint4*>(src + r * ld + c);
-    *reinterpret_cast<uint4*>(dst + r * D + c) = val;
-  }
-}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) block_sparse_attn_fwd_kernel(FwdParams p) {
@@ -230,52 +199,21 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(const at::Tensor& 
                                                               const at::Tensor& kv_indices, int64_t block_q,
                                                               int64_t block_k, bool causal, double scale,
                                                               const std::optional<at::Tensor>& key_bias) {
-  for (const at::Tensor* t : {&q, &k, &v, &kv_num_blocks, &kv_indices}) TOKOPS_CHECK_CUDA(*t);
-  TOKOPS_CHECK_CONTIG(q);
-  TOKOPS_CHECK_CONTIG(k);
-  TOKOPS_CHECK_CONTIG(v);
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "q must be float16 or bfloat16 for the CUDA kernel, got ", q.scalar_type());
-  TOKOPS_CHECK_DTYPE(k, q.scalar_type());
-  TOKOPS_CHECK_DTYPE(v, q.scalar_type());
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, N, D)");
-  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Nk = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0, "k has shape ", k.sizes(),
-              " which does not match q ", q.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(D == 64 || D == 128, "head dim must be 64 or 128 for the CUDA kernel, got ", D);
-  TORCH_CHECK(block_q % kBM == 0 && block_k % kBN == 0 && block_q <= 256 && block_k <= 256,
-              "block_q and block_k must be multiples of 64 (at most 256) for the CUDA kernel, got ", block_q, ", ",
-              block_k);
+  const QKVShape s = check_qkv(q, k, v);
+  const int64_t B = s.B, H = s.H, Nq = s.Nq, D = s.D, Hkv = s.Hkv, Nk = s.Nk;
+  check_blocks(block_q, block_k);
   const int64_t nQ = (Nq + block_q - 1) / block_q, nK = (Nk + block_k - 1) / block_k;
-  TOKOPS_CHECK_DTYPE(kv_num_blocks, at::kInt);
-  TOKOPS_CHECK_DTYPE(kv_indices, at::kInt);
-  TORCH_CHECK(kv_num_blocks.dim() == 3 && kv_indices.dim() == 4, "kv_num_blocks must be 3-D and kv_indices 4-D");
-  TORCH_CHECK((kv_indices.size(0) == B || kv_indices.size(0) == 1) && (kv_indices.size(1) == H || kv_indices.size(1) == 1) &&
-                  kv_indices.size(2) == nQ && kv_indices.size(3) == nK,
-              "kv_indices has shape ", kv_indices.sizes(), ", expected (B|1, H|1, ", nQ, ", ", nK, ")");
-  TORCH_CHECK(kv_num_blocks.size(0) == kv_indices.size(0) && kv_num_blocks.size(1) == kv_indices.size(1) &&
-                  kv_num_blocks.size(2) == nQ,
-              "kv_num_blocks has shape ", kv_num_blocks.sizes(), " which does not match kv_indices");
-  TORCH_CHECK(kv_indices.stride(3) == 1, "kv_indices must be contiguous in its last dim");
+  check_csr(kv_num_blocks, kv_indices, "kv_num_blocks", "kv_indices", B, H, nQ, nK);
   const bool has_bias = key_bias.has_value();
   at::Tensor bias;
   if (has_bias) {
     bias = *key_bias;
-    TOKOPS_CHECK_CUDA(bias);
-    TOKOPS_CHECK_CONTIG(bias);
-    TOKOPS_CHECK_DTYPE(bias, at::kFloat);
-    TORCH_CHECK((bias.dim() == 2 && bias.size(0) == B && bias.size(1) == Nk) ||
-                    (bias.dim() == 3 && bias.size(0) == B && bias.size(1) == H && bias.size(2) == Nk),
-                "key_bias must be (B, Nk) or (B, H, Nk), got ", bias.sizes());
+    check_key_bias(bias, B, H, Nk);
   }
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "q, k, v must be 16-byte aligned");
   const c10::cuda::CUDAGuard guard(q.device());
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(prop->major >= 8, "the block-sparse attention CUDA kernel needs sm_80 or newer, got sm_", prop->major,
-              prop->minor);
+  check_sm80();
   at::Tensor out = new_output(q.sizes(), q.options());
   at::Tensor lse = new_output({B, H, Nq}, q.options().dtype(at::kFloat));
   at::Tensor num = kv_num_blocks.expand({B, H, nQ});

@@ -1,0 +1,123 @@
+// Shared pieces of the block-sparse attention CUDA kernels (forward: block_sparse_attn_cuda.cu,
+// backward: block_sparse_attn_bwd_cuda.cu): tile geometry, dtype conversions, warp reductions,
+// the 16-byte global -> shared tile copy, and the host-side argument checks both ops make.
+// Everything is in an anonymous namespace: each translation unit gets its own copy, as it had
+// before these were shared.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../common.h"
+
+namespace tokops {
+namespace attn {
+namespace {
+
+constexpr int kBM = 64;        // query rows per tile
+constexpr int kBN = 64;        // keys per tile
+constexpr int kThreads = 128;  // 4 warps x 16 rows
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Copy `rows` x D elements (row stride `ld` in global memory) into a dense smem tile, zero-filling
+// rows past `valid`. 16-byte vector copies (D is a multiple of 8 and rows are 16-byte aligned).
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int rows, int valid) {
+  constexpr int kVec = 8;  // 8 x 16-bit = 16 bytes
+  constexpr int kPerRow = D / kVec;
+  for (int i = threadIdx.x; i < rows * kPerRow; i += kThreads) {
+    const int r = i / kPerRow, c = (i % kPerRow) * kVec;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (r < valid) val = *reinterpret_cast<const uint4*>(src + r * ld + c);
+    *reinterpret_cast<uint4*>(dst + r * D + c) = val;
+  }
+}
+
+// ------------------------------------------------------------------------------ host-side checks
+struct QKVShape {
+  int64_t B, H, Nq, D, Hkv, Nk;
+};
+
+// q (B, H, Nq, D), k/v (B, H_kv, Nk, D): CUDA, contiguous, fp16/bf16, GQA-compatible, D 64/128.
+inline QKVShape check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const at::Tensor* t : {&q, &k, &v}) TOKOPS_CHECK_CUDA(*t);
+  TOKOPS_CHECK_CONTIG(q);
+  TOKOPS_CHECK_CONTIG(k);
+  TOKOPS_CHECK_CONTIG(v);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "q must be float16 or bfloat16 for the CUDA kernel, got ", q.scalar_type());
+  TOKOPS_CHECK_DTYPE(k, q.scalar_type());
+  TOKOPS_CHECK_DTYPE(v, q.scalar_type());
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, N, D)");
+  const QKVShape s{q.size(0), q.size(1), q.size(2), q.size(3), k.size(1), k.size(2)};
+  TORCH_CHECK(k.size(0) == s.B && k.size(3) == s.D && s.Hkv > 0 && s.H % s.Hkv == 0, "k has shape ", k.sizes(),
+              " which does not match q ", q.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK(s.D == 64 || s.D == 128, "head dim must be 64 or 128 for the CUDA kernel, got ", s.D);
+  return s;
+}
+
+inline void check_blocks(int64_t block_q, int64_t block_k) {
+  TORCH_CHECK(block_q % kBM == 0 && block_k % kBN == 0 && block_q > 0 && block_k > 0 && block_q <= 256 &&
+                  block_k <= 256,
+              "block_q and block_k must be multiples of 64 (at most 256) for the CUDA kernel, got ", block_q, ", ",
+              block_k);
+}
+
+// A CSR block mask: num (B|1, H|1, rows) int32, idx (B|1, H|1, rows, cols) int32.
+inline void check_csr(const at::Tensor& num, const at::Tensor& idx, const char* num_name, const char* idx_name,
+                      int64_t B, int64_t H, int64_t rows, int64_t cols) {
+  TOKOPS_CHECK_CUDA(num);
+  TOKOPS_CHECK_CUDA(idx);
+  TORCH_CHECK(num.scalar_type() == at::kInt, num_name, " must have dtype int32, got ", num.scalar_type());
+  TORCH_CHECK(idx.scalar_type() == at::kInt, idx_name, " must have dtype int32, got ", idx.scalar_type());
+  TORCH_CHECK(num.dim() == 3 && idx.dim() == 4, num_name, " must be 3-D and ", idx_name, " 4-D, got ", num.sizes(),
+              " and ", idx.sizes());
+  TORCH_CHECK((idx.size(0) == B || idx.size(0) == 1) && (idx.size(1) == H || idx.size(1) == 1) &&
+                  idx.size(2) == rows && idx.size(3) == cols,
+              idx_name, " has shape ", idx.sizes(), ", expected (B|1, H|1, ", rows, ", ", cols, ")");
+  TORCH_CHECK(num.size(0) == idx.size(0) && num.size(1) == idx.size(1) && num.size(2) == rows, num_name,
+              " has shape ", num.sizes(), " which does not match ", idx_name, " ", idx.sizes());
+  TORCH_CHECK(idx.stride(3) == 1, idx_name, " must be contiguous in its last dim");
+}
+
+// key_bias: (B, Nk) or (B, H, Nk) fp32, contiguous, on CUDA.
+inline void check_key_bias(const at::Tensor& bias, int64_t B, int64_t H, int64_t Nk) {
+  TOKOPS_CHECK_CUDA(bias);
+  TOKOPS_CHECK_CONTIG(bias);
+  TOKOPS_CHECK_DTYPE(bias, at::kFloat);
+  TORCH_CHECK((bias.dim() == 2 && bias.size(0) == B && bias.size(1) == Nk) ||
+                  (bias.dim() == 3 && bias.size(0) == B && bias.size(1) == H && bias.size(2) == Nk),
+              "key_bias must be (B, Nk) or (B, H, Nk), got ", bias.sizes());
+}
+
+// The kernels use bf16 WMMA: sm_80 or newer (call under the device guard).
+inline void check_sm80() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(prop->major >= 8, "the block-sparse attention CUDA kernel needs sm_80 or newer, got sm_", prop->major,
+              prop->minor);
+}
+
+}  // namespace
+}  // namespace attn
+}  // namespace tokops
