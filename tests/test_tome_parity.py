@@ -21,7 +21,6 @@ from tokops.merge import reference as mref
 
 timm = pytest.importorskip("timm")
 import tokops.patch as tp  # noqa: E402
-from tokops.patch.tome import parse_r  # noqa: E402
 from timm.models.deit import VisionTransformerDistilled  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
@@ -213,6 +212,8 @@ def test_model_r_settable_between_calls():
 @pytest.mark.parametrize("r", [0, 5, 16, [3], [1, 2, 3], (4, -1), (4, 1), (4, 0.5), (7, -0.3), (3, 0)])
 @pytest.mark.parametrize("layers", [1, 4, 12])
 def test_parse_r_matches_tome(r, layers):
+    from tokops.patch.tome import parse_r
+
     if isinstance(r, list) and len(r) > layers:
         with pytest.raises(ValueError, match="at most one entry per layer"):
             parse_r(layers, r)
@@ -225,6 +226,8 @@ def test_parse_r_matches_tome(r, layers):
 
 
 def test_parse_r_bad_input():
+    from tokops.patch.tome import parse_r
+
     with pytest.raises(TypeError, match="r must be"):
         parse_r(3, "8")
     with pytest.raises(ValueError, match="inflect"):

@@ -68,7 +68,7 @@ class ToMeState:
     valid: torch.Tensor | None = None
     matchings: list = field(default_factory=list)
     # r schedule (ToMe's forms): re-read from ``owner.r`` at the start of every forward
-    owner: object = None
+    owner: object = field(default=None, repr=False)  # the patched model (its ``r`` attribute)
     n_layers: int = 0
     schedule: list = field(default_factory=list)
 
