@@ -29,3 +29,12 @@ def test_migration_example_runs(title, code):
 
 def test_readme_links_migration_page():
     assert "docs/migration.md" in (ROOT / "README.md").read_text()
+
+
+def test_block_mask_from_flex_rejects_other_objects():
+    import torch
+
+    from tokops.attention import BlockMask
+
+    with pytest.raises(TypeError, match="flex_mask"):
+        BlockMask.from_flex(torch.ones(1, 1, 2, 2, dtype=torch.bool))

@@ -32,9 +32,10 @@ Supported models (matched by structure, not by class name):
 
 Padded text batches: the attention mask's key padding becomes ToMe's ``valid`` mask (padding is
 never merged, DESIGN.md "Padded batches"), and a ``-inf`` key bias. With ``unmerge_output=True``
-(the default for transformers models) the encoder's output is unmerged back to the input length (each token gets the value of
-the merged token that holds it), so pooling and token-level heads work unchanged; mean pooling over
-the unmerged tokens equals size-weighted pooling over the merged ones.
+(the default for transformers models) the encoder's output is unmerged back to the input length
+(each token gets the value of the merged token that holds it), so pooling and token-level heads
+work unchanged; mean pooling over the unmerged tokens equals size-weighted pooling over the merged
+ones.
 
 Inference only: the patched forward skips attention-probability dropout and does not return
 attention weights or per-layer hidden states.
