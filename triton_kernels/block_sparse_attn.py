@@ -419,6 +419,9 @@ def bwd(dout, q, k, v, out, lse, dlse, kv_num_blocks, kv_indices, q_num_blocks, 
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     dout = dout.contiguous()
+    # the dq / dk dv kernels write the gradients with the strides of q / k / v: a strided view
+    # (the forward reads it in place) is copied here, once per backward
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     delta = _delta(out.contiguous(), dout, dlse)
     dq = new_output(q.shape, q.dtype, q.device)
     dk = new_output(k.shape, k.dtype, k.device)

@@ -35,6 +35,24 @@ def check_tensor(name: str, t, *, dtypes: Iterable[torch.dtype] | None = None, n
                          f"call .contiguous() first")
 
 
+def dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself when contiguous, else one contiguous copy (``None`` passes through).
+
+    DESIGN.md "Inputs: accept strided views": an op whose kernels cannot take strides calls this
+    once, in its check helper, on each tensor it hands to a kernel -- and says so in its docstring.
+    """
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def last_dim_dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself when its last dim is contiguous (``stride(-1) == 1``, or size 1), else one
+    contiguous copy: for kernels that take the strides of the other dims (any transposed, sliced or
+    batch/head-expanded view keeps its memory; only a view strided in the last dim is copied)."""
+    if t is None or t.dim() == 0 or t.shape[-1] == 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
 def check_int(name: str, v, *, choices: Iterable[int] | None = None, min_value: int | None = None,
               max_value: int | None = None) -> None:
     if isinstance(v, bool) or not isinstance(v, int):

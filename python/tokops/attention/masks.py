@@ -108,6 +108,24 @@ class BlockMask(NamedTuple):
                                             BLOCK_SIZE=(self.block_q, self.block_k),
                                             seq_lengths=(self.q_len, self.k_len))
 
+    @staticmethod
+    def from_flex(flex_mask) -> "BlockMask":
+        """From a ``torch.nn.attention.flex_attention.BlockMask``: every block it visits (its partial
+        blocks ``kv_num_blocks``/``kv_indices`` and its full blocks ``full_kv_*``), same block sizes and
+        sequence lengths.  The ``mask_mod`` is not kept: inside a partial block all tokens attend.
+        So the result is the same attention for a block-aligned mask, and for a causal ``mask_mod``
+        when the tokops op is called with ``causal=True`` (other token-level masks: not expressible)."""
+        for name in ("kv_num_blocks", "kv_indices", "BLOCK_SIZE", "seq_lengths"):
+            if not hasattr(flex_mask, name):
+                raise TypeError(f"flex_mask must be a torch FlexAttention BlockMask (no attribute {name!r}), "
+                                f"got {type(flex_mask).__name__}")
+        dense = csr_to_dense(flex_mask.kv_num_blocks, flex_mask.kv_indices)
+        if getattr(flex_mask, "full_kv_num_blocks", None) is not None:
+            dense = dense | csr_to_dense(flex_mask.full_kv_num_blocks, flex_mask.full_kv_indices)
+        bq, bk = flex_mask.BLOCK_SIZE
+        q_len, k_len = flex_mask.seq_lengths
+        return BlockMask.from_dense(dense, int(bq), int(bk), int(q_len), int(k_len))
+
 
 # --------------------------------------------------------------------------- CSR <-> dense
 def dense_to_csr(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _registry as reg
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, dense, last_dim_dense
 from . import reference as ref
 from .masks import BlockMask, as_block_mask, full_block_mask, transpose_csr, validate_mask
 
@@ -21,10 +21,15 @@ MAX_HEAD_DIM = 256
 
 
 # --------------------------------------------------------------------------- checks
-def _check_attention(q, k, v, key_bias, scale, causal) -> float:
-    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
-    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4)
-    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=4)
+def _check_attention(q, k, v, key_bias, scale, causal):
+    """Checks; returns ``(q, k, v, key_bias, scale)``.  Strided inputs: ``q``/``k``/``v`` are passed
+    as they are when their last dim is contiguous (the Triton and torch paths take the other strides:
+    transposed ``(B, N, H, D) -> (B, H, N, D)`` views, slices, batch/head-expanded views); a view
+    strided in the last dim is copied once.  ``key_bias`` (small) is made contiguous."""
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, contiguous=False)
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, contiguous=False)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=4, contiguous=False)
+    q, k, v = last_dim_dense(q), last_dim_dense(k), last_dim_dense(v)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k and v must have the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
     check_same_device(q=q, k=k, v=v)
@@ -39,7 +44,8 @@ def _check_attention(q, k, v, key_bias, scale, causal) -> float:
         raise ValueError(f"q: head dim must be <= {MAX_HEAD_DIM}, got {D}")
     Nk = k.shape[2]
     if key_bias is not None:
-        check_tensor("key_bias", key_bias, dtypes=(torch.float32,))
+        check_tensor("key_bias", key_bias, dtypes=(torch.float32,), contiguous=False)
+        key_bias = dense(key_bias)
         if tuple(key_bias.shape) not in ((B, Nk), (B, H, Nk)):
             raise ValueError(f"key_bias must have shape (B, Nk) = {(B, Nk)} or (B, H, Nk) = {(B, H, Nk)}, "
                              f"got {tuple(key_bias.shape)}")
@@ -47,31 +53,40 @@ def _check_attention(q, k, v, key_bias, scale, causal) -> float:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is None:
-        return 1.0 / math.sqrt(D)
+        return q, k, v, key_bias, 1.0 / math.sqrt(D)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    return float(scale)
+    return q, k, v, key_bias, float(scale)
 
 
-def _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask) -> tuple[BlockMask, float]:
-    scale = _check_attention(q, k, v, key_bias, scale, causal)
+def _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask):
+    """Checks and mask conversion; returns ``(q, k, v, key_bias, mask, scale)``."""
+    q, k, v, key_bias, scale = _check_attention(q, k, v, key_bias, scale, causal)
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     mask = as_block_mask(mask, Nq, Nk, block_q, block_k, q.device)
     validate_mask(mask, B, H, Nq, Nk, q.device, read_values=check_mask and not torch.compiler.is_compiling())
-    return mask, scale
+    return q, k, v, key_bias, mask, scale
+
+
+def _kernel_inputs(be: str, q, k, v):
+    """The CUDA kernels take contiguous q/k/v only: a strided view is copied for them (the Triton
+    and torch backends read it in place)."""
+    if be == "cuda":
+        return dense(q), dense(k), dense(v)
+    return q, k, v
 
 
 # --------------------------------------------------------------------------- op definitions
 def _fwd_fake(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key_bias, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)  # contiguous, as the kernels
 
 
 def _bwd_fake(dout, q, k, v, out, lse, dlse, kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k,
               causal, scale, key_bias, backend):
     B, H = q.shape[:2]
     nb = (B, H, k.shape[2]) if key_bias is not None else (0,)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(nb, dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(nb, dtype=torch.float32)
 
 
 def _mass_fake(q, k, lse, q_num_blocks, q_indices, block_q, block_k, causal, scale, key_bias, backend):
@@ -199,8 +214,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
                            check_mask: bool = True, backend: str = "auto"):
     """Block-sparse softmax attention.
 
-    ``q: (B, H, Nq, D)``, ``k, v: (B, H_kv, Nk, D)`` (fp16/bf16/fp32, contiguous, ``H % H_kv == 0``
-    for GQA/MQA, ``D <= 256``).  ``mask``: a :class:`BlockMask`, a dense bool block mask
+    ``q: (B, H, Nq, D)``, ``k, v: (B, H_kv, Nk, D)`` (fp16/bf16/fp32, ``H % H_kv == 0`` for GQA/MQA,
+    ``D <= 256``).  Strided views are read in place when the last dim is contiguous (e.g.
+    ``q.transpose(1, 2)`` of a ``(B, N, H, D)`` projection); else, and for the CUDA kernels, they
+    are copied once.  ``mask``: a :class:`BlockMask`, a dense bool block mask
     ``(B|1, H|1, ceil(Nq/block_q), ceil(Nk/block_k))`` (``block_q``/``block_k`` default 128), or
     ``None`` for all blocks.  Logits ``scale * q.k + key_bias[j]`` (``scale`` default ``D**-0.5``,
     ``key_bias`` fp32 ``(B, Nk)`` or ``(B, H, Nk)``, e.g. ToMe's ``log(size)``) are softmaxed over the
@@ -215,8 +232,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     The backward of a CUDA forward runs the CUDA backward kernel where it covers the call, else the
     Triton backward (e.g. for a ``dout`` that is not 16-byte aligned; see ``_bwd_backend``).
     """
-    mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask)
+    q, k, v, key_bias, mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask)
     be = _fwd_backend(backend, q, k, v, mask)
+    q, k, v = _kernel_inputs(be, q, k, v)
     out, lse = _fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_q, mask.block_k, causal, scale,
                        key_bias, be)
     return (out, lse) if return_lse else out
@@ -235,8 +253,9 @@ def attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     backward with ``dO = 1``).  ``out`` is differentiable; ``mass`` is not (it is a statistic, e.g. for
     H2O / SnapKV style KV eviction or ToMe/PiToMe-style token importance).
     """
-    mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask)
+    q, k, v, key_bias, mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask)
     be = _fwd_backend(backend, q, k, v, mask)
+    q, k, v = _kernel_inputs(be, q, k, v)
     out, lse = _fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_q, mask.block_k, causal, scale,
                        key_bias, be)
     qn, qi = transpose_csr(mask.kv_num_blocks, mask.kv_indices)

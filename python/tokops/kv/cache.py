@@ -211,8 +211,9 @@ class QuantizedKVCache:
 
     # ------------------------------------------------------------------ append
     def _check_append(self, k, v, important):
-        check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, nonempty=False)
-        check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=4, nonempty=False)
+        # strided views are fine: append copies k/v into the residual window (torch.cat)
+        check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=4, nonempty=False, contiguous=False)
+        check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=4, nonempty=False, contiguous=False)
         if v.shape != k.shape:
             raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
         if v.dtype != k.dtype:
@@ -230,7 +231,7 @@ class QuantizedKVCache:
             if k.device != self._device:
                 raise ValueError(f"k must be on the cache's device {self._device}, got {k.device}")
         if important is not None:
-            check_tensor("important", important, dtypes=(torch.bool,), ndim=1, nonempty=False)
+            check_tensor("important", important, dtypes=(torch.bool,), ndim=1, nonempty=False, contiguous=False)
             if important.shape[0] != k.shape[2]:
                 raise ValueError(f"important must have shape ({k.shape[2]},) (one flag per new token), "
                                  f"got {tuple(important.shape)}")
@@ -324,11 +325,11 @@ class QuantizedKVCache:
         if not self.initialized:
             raise ValueError("accumulate_mass: the cache is empty")
         B, Hk, _ = self._shape
-        check_tensor("mass", mass, dtypes=(torch.float32,), ndim=3, nonempty=False)
+        check_tensor("mass", mass, dtypes=(torch.float32,), ndim=3, nonempty=False, contiguous=False)
         if mass.shape[0] != B or mass.shape[2] != len(self) or mass.shape[1] % Hk:
             raise ValueError(f"mass must have shape ({B}, H, {len(self)}) with H a multiple of {Hk}, "
                              f"got {tuple(mass.shape)}")
-        m = mass.view(B, Hk, mass.shape[1] // Hk, -1).sum(2)
+        m = mass.reshape(B, Hk, mass.shape[1] // Hk, -1).sum(2)  # reshape: mass may be a strided view
         self._q_score[..., : self.n_quant] += m[..., : self.n_quant]
         self._r_score[..., : self.n_res] += m[..., self.n_quant:]
 
@@ -353,7 +354,7 @@ class QuantizedKVCache:
         Packed codes are copied as they are (no re-quantization)."""
         if not self.initialized:
             return
-        check_tensor("index", index, dtypes=(torch.int64, torch.int32), ndim=1)
+        check_tensor("index", index, dtypes=(torch.int64, torch.int32), ndim=1, contiguous=False)
         index = index.to(self._device)
         for name in list(self._store):
             self._store[name] = self._store[name].index_select(0, index)

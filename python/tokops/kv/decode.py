@@ -30,7 +30,7 @@ import math
 import torch
 
 from .. import _registry as reg
-from .._checks import FLOAT_DTYPES, check_tensor
+from .._checks import FLOAT_DTYPES, check_tensor, dense
 from . import reference as ref
 from .cache import QuantizedKVCache
 
@@ -111,10 +111,11 @@ def decode_attention_reference(q: torch.Tensor, cache: QuantizedKVCache, *, scal
 
 
 # --------------------------------------------------------------------------- checks
-def _check_decode(q, cache, scale, return_mass):
+def _check_decode(q, cache, scale, return_mass) -> torch.Tensor:
+    """Checks; returns ``q`` contiguous (a strided view is copied once: q is ``nq <= 8`` tokens)."""
     if not isinstance(cache, QuantizedKVCache):
         raise TypeError(f"cache must be a tokops.kv.QuantizedKVCache, got {type(cache).__name__}")
-    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4, contiguous=False)
     B, H, nq, D = q.shape
     if not 1 <= nq <= MAX_NQ:
         raise ValueError(f"q must have 1 <= nq <= {MAX_NQ} new queries (q.shape[2]), got shape {tuple(q.shape)}")
@@ -140,6 +141,7 @@ def _check_decode(q, cache, scale, return_mass):
             if cache.residual < nq:
                 raise ValueError(f"q: nq={nq} > cache.residual={cache.residual} with pinned tokens: the causal "
                                  f"rule needs the nq newest tokens at the end of the store")
+    return dense(q)
 
 
 # --------------------------------------------------------------------------- op
@@ -174,7 +176,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, scale: float |
     ``(B, H, len(cache))`` fp32 (the H2O score, in store order, see ``cache.positions()``); with
     ``return_lse`` also the fp32 LSE ``(B, H, nq)``.  Tuple order: ``(out[, mass][, lse])``.
     """
-    _check_decode(q, cache, scale, return_mass)
+    q = _check_decode(q, cache, scale, return_mass)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)

@@ -11,7 +11,8 @@ from typing import NamedTuple
 import torch
 
 from .. import _registry as reg
-from .._checks import FLOAT_DTYPES, check_int, check_power_of_two, check_same_device, check_shape, check_tensor, normalize_axis
+from .._checks import (FLOAT_DTYPES, check_int, check_power_of_two, check_same_device, check_shape, check_tensor,
+                       dense, normalize_axis)
 from . import reference as ref
 
 BITS = (8, 4, 2)
@@ -46,18 +47,22 @@ class Fp8Tensor(NamedTuple):
 
 
 # --------------------------------------------------------------------------- checks (one helper per op)
-def _check_quantize(x, bits, group_size, axis) -> int:
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=2)
+# Strided inputs: the quantize kernels read a contiguous tensor, so each check helper returns its
+# tensors made contiguous (one internal copy of a strided view, DESIGN.md "Inputs").
+def _check_quantize(x, bits, group_size, axis):
+    """Checks; returns ``(x contiguous, axis)``."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=2, contiguous=False)
     check_int("bits", bits, choices=BITS)
     check_power_of_two("group_size", group_size, MIN_GROUP, MAX_GROUP)
     axis = normalize_axis("axis", axis, x.dim())
     if axis == -1 and x.shape[-1] % group_size:
         raise ValueError(f"group_size={group_size} must divide the channel dim (x.shape[-1]={x.shape[-1]}) "
                          f"when quantizing per token (axis=-1)")
-    return axis
+    return dense(x), axis
 
 
-def _check_dequantize(qt: QuantizedTensor, dtype) -> None:
+def _check_dequantize(qt: QuantizedTensor, dtype):
+    """Checks; returns ``(codes, scale, zero)`` contiguous."""
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"qt must be a tokops.kv.QuantizedTensor, got {type(qt).__name__}")
     check_int("qt.bits", qt.bits, choices=BITS)
@@ -66,9 +71,9 @@ def _check_dequantize(qt: QuantizedTensor, dtype) -> None:
         raise ValueError(f"qt.axis must be -1 or -2, got {qt.axis}")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
-    check_tensor("qt.codes", qt.codes, dtypes=(torch.int32,), min_ndim=2)
-    check_tensor("qt.scale", qt.scale, dtypes=(torch.float16,), min_ndim=2)
-    check_tensor("qt.zero", qt.zero, dtypes=(torch.float16,), min_ndim=2)
+    check_tensor("qt.codes", qt.codes, dtypes=(torch.int32,), min_ndim=2, contiguous=False)
+    check_tensor("qt.scale", qt.scale, dtypes=(torch.float16,), min_ndim=2, contiguous=False)
+    check_tensor("qt.zero", qt.zero, dtypes=(torch.float16,), min_ndim=2, contiguous=False)
     check_same_device(codes=qt.codes, scale=qt.scale, zero=qt.zero)
     check_int("qt.length", qt.length, min_value=1)
     *lead, a, b = qt.codes.shape
@@ -77,21 +82,25 @@ def _check_dequantize(qt: QuantizedTensor, dtype) -> None:
     check_shape("qt.codes", qt.codes, codes_shape)
     check_shape("qt.scale", qt.scale, scale_shape)
     check_shape("qt.zero", qt.zero, scale_shape)
+    return dense(qt.codes), dense(qt.scale), dense(qt.zero)
 
 
-def _check_fp8(x) -> None:
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+def _check_fp8(x) -> torch.Tensor:
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1, contiguous=False)
+    return dense(x)
 
 
-def _check_dequantize_fp8(ft: Fp8Tensor, dtype) -> None:
+def _check_dequantize_fp8(ft: Fp8Tensor, dtype):
+    """Checks; returns ``(codes, scale)`` contiguous."""
     if not isinstance(ft, Fp8Tensor):
         raise TypeError(f"ft must be a tokops.kv.Fp8Tensor, got {type(ft).__name__}")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
-    check_tensor("ft.codes", ft.codes, dtypes=(torch.float8_e4m3fn,), min_ndim=1)
-    check_tensor("ft.scale", ft.scale, dtypes=(torch.float32,), min_ndim=0)
+    check_tensor("ft.codes", ft.codes, dtypes=(torch.float8_e4m3fn,), min_ndim=1, contiguous=False)
+    check_tensor("ft.scale", ft.scale, dtypes=(torch.float32,), min_ndim=0, contiguous=False)
     check_same_device(codes=ft.codes, scale=ft.scale)
     check_shape("ft.scale", ft.scale, ft.codes.shape[:-1])
+    return dense(ft.codes), dense(ft.scale)
 
 
 # --------------------------------------------------------------------------- op definitions
@@ -137,7 +146,8 @@ for _name in ("kv_quantize", "kv_dequantize", "kv_quantize_fp8", "kv_dequantize_
 # --------------------------------------------------------------------------- public API
 def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 32, axis: int = -1, *,
              backend: str = "auto") -> QuantizedTensor:
-    """Asymmetric group quantization of ``x: (..., N, D)`` (fp16/bf16/fp32, contiguous).
+    """Asymmetric group quantization of ``x: (..., N, D)`` (fp16/bf16/fp32; a strided view is copied
+    once, internally).
 
     ``axis=-1`` groups ``group_size`` consecutive channels of one token (KIVI values, per token;
     ``D % group_size == 0``); ``axis=-2`` groups ``group_size`` consecutive tokens of one channel
@@ -148,7 +158,7 @@ def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 32, axis: int = -
     along the grouped axis (least-significant bits first), ``scale`` and ``zero`` fp16 per group.
     ``|x - dequantize(q)| <= scale/2`` (plus the fp16 rounding of ``zero``).
     """
-    axis = _check_quantize(x, bits, group_size, axis)
+    x, axis = _check_quantize(x, bits, group_size, axis)
     be = reg.resolve_backend("kv_quantize", backend, x.device)
     codes, scale, zero = _quantize_op(x, bits, group_size, axis, be)
     return QuantizedTensor(codes, scale, zero, bits, group_size, axis, x.shape[axis], x.dtype)
@@ -158,15 +168,15 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None, *, backend
     """Inverse of :func:`quantize`: ``x_hat = q * scale + zero`` (fp32), cast to ``dtype``
     (default: the original dtype).  Returns a tensor of the original shape."""
     dtype = qt.dtype if dtype is None and isinstance(qt, QuantizedTensor) else dtype
-    _check_dequantize(qt, dtype)
+    codes, scale, zero = _check_dequantize(qt, dtype)
     be = reg.resolve_backend("kv_dequantize", backend, qt.codes.device)
-    return _dequantize_op(qt.codes, qt.scale, qt.zero, qt.bits, qt.group_size, qt.axis, qt.length, dtype, be)
+    return _dequantize_op(codes, scale, zero, qt.bits, qt.group_size, qt.axis, qt.length, dtype, be)
 
 
 def quantize_fp8(x: torch.Tensor, *, backend: str = "auto") -> Fp8Tensor:
     """fp8 e4m3fn quantization of ``x: (..., D)`` with one fp32 scale per row (per token and head
     for ``(B, H, N, D)``): ``scale = amax / 448``, ``codes = fp8(x / scale)``."""
-    _check_fp8(x)
+    x = _check_fp8(x)
     be = reg.resolve_backend("kv_quantize_fp8", backend, x.device)
     codes, scale = _quantize_fp8_op(x, be)
     return Fp8Tensor(codes, scale, x.dtype)
@@ -175,6 +185,6 @@ def quantize_fp8(x: torch.Tensor, *, backend: str = "auto") -> Fp8Tensor:
 def dequantize_fp8(ft: Fp8Tensor, dtype: torch.dtype | None = None, *, backend: str = "auto") -> torch.Tensor:
     """``codes * scale`` in fp32, cast to ``dtype`` (default: the original dtype)."""
     dtype = ft.dtype if dtype is None and isinstance(ft, Fp8Tensor) else dtype
-    _check_dequantize_fp8(ft, dtype)
+    codes, scale = _check_dequantize_fp8(ft, dtype)
     be = reg.resolve_backend("kv_dequantize_fp8", backend, ft.codes.device)
-    return _dequantize_fp8_op(ft.codes, ft.scale, dtype, be)
+    return _dequantize_fp8_op(codes, scale, dtype, be)

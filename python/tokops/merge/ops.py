@@ -20,11 +20,12 @@ from typing import NamedTuple
 import torch
 
 from .. import _registry as reg
-from .._checks import FLOAT_DTYPES, check_int, check_same_device, check_shape, check_tensor
+from .._checks import FLOAT_DTYPES, check_int, check_same_device, check_shape, check_tensor, dense
 from . import reference as ref
 
 MODES = ref.MODES
 FORMULAS = ("design", "elu")
+PITOME_FORMULA = "elu"  # default of pitome_energy and pitome_merge: the formula hchautran/PiToMe ranks by
 
 
 class Matching(NamedTuple):
@@ -65,8 +66,11 @@ class Matching(NamedTuple):
 
 
 # --------------------------------------------------------------------------- checks (one helper per op)
-def _check_metric(metric, name="metric") -> None:
-    check_tensor(name, metric, dtypes=FLOAT_DTYPES, ndim=3)
+def _check_metric(metric, name="metric") -> torch.Tensor:
+    """Checks ``metric``; returns it, or one contiguous copy of a strided view (the merge kernels
+    take contiguous inputs: the internal ``.contiguous()`` of DESIGN.md "Inputs")."""
+    check_tensor(name, metric, dtypes=FLOAT_DTYPES, ndim=3, contiguous=False)
+    return dense(metric)
 
 
 def _check_r(r) -> None:
@@ -79,8 +83,9 @@ def _check_r(r) -> None:
         raise ValueError(f"r as a float must be a fraction of the valid tokens in [0, 1], got {r}")
 
 
-def _check_matching(metric, r, class_token, distill_token, valid) -> None:
-    _check_metric(metric)
+def _check_matching(metric, r, class_token, distill_token, valid):
+    """Checks; returns ``(metric, valid)``, contiguous (see :func:`_check_metric`)."""
+    metric = _check_metric(metric)
     _check_r(r)
     for name, v in (("class_token", class_token), ("distill_token", distill_token)):
         if not isinstance(v, bool):
@@ -88,19 +93,21 @@ def _check_matching(metric, r, class_token, distill_token, valid) -> None:
     if distill_token and not class_token:
         raise ValueError("distill_token=True needs class_token=True (the distillation token follows the class token)")
     if valid is not None:
-        check_tensor("valid", valid, dtypes=(torch.bool,), ndim=2)
+        check_tensor("valid", valid, dtypes=(torch.bool,), ndim=2, contiguous=False)
         check_shape("valid", valid, metric.shape[:2])
         check_same_device(metric=metric, valid=valid)
+    return metric, dense(valid)
 
 
-def _check_merge_input(matching, x, name="x") -> None:
+def _check_merge_input(matching, x, name="x") -> torch.Tensor:
     if not isinstance(matching, Matching):
         raise TypeError(f"matching must be a tokops.merge.Matching, got {type(matching).__name__}")
-    check_tensor(name, x, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor(name, x, dtypes=FLOAT_DTYPES, ndim=3, contiguous=False)
     B, N = matching.slot.shape
     if x.shape[0] != B or x.shape[1] != N:
         raise ValueError(f"{name} must have shape ({B}, {N}, C) to match the matching's metric, got {tuple(x.shape)}")
     check_same_device(**{name: x, "matching.slot": matching.slot})
+    return dense(x)  # the merge kernels take contiguous inputs: one internal copy of a strided view
 
 
 def _check_mode(mode) -> None:
@@ -271,7 +278,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r, class_token: bool = False, 
     Returns a :class:`Matching`; apply it with :func:`merge`, :func:`merge_wavg`, :func:`merge_source`,
     :func:`unmerge`.
     """
-    _check_matching(metric, r, class_token, distill_token, valid)
+    metric, valid = _check_matching(metric, r, class_token, distill_token, valid)
     B, N, _ = metric.shape
     protected = int(class_token) + int(distill_token)
     be = reg.resolve_backend("tome_match", backend, metric.device)
@@ -326,7 +333,7 @@ def merge(matching: Matching, x: torch.Tensor, mode: str = "mean", *, backend: s
     with ``include_self``), ``"sum"``, or ``"amax"``.  One fused gather + reduce kernel, fp32
     accumulation; padding outputs are 0.  Differentiable w.r.t. ``x``.
     """
-    _check_merge_input(matching, x)
+    x = _check_merge_input(matching, x)
     _check_mode(mode)
     if matching.is_identity:
         return x
@@ -365,7 +372,8 @@ def unmerge(matching: Matching, x: torch.Tensor, *, backend: str = "auto") -> to
     back to each of its sources (dropped padding tokens get 0).  Differentiable."""
     if not isinstance(matching, Matching):
         raise TypeError(f"matching must be a tokops.merge.Matching, got {type(matching).__name__}")
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3, contiguous=False)
+    x = dense(x)  # the gather kernel takes a contiguous input: one internal copy of a strided view
     B = matching.slot.shape[0]
     if x.shape[0] != B or x.shape[1] != matching.n_out:
         raise ValueError(f"x must have shape ({B}, {matching.n_out}, C) (the merged length), got {tuple(x.shape)}")
@@ -377,33 +385,70 @@ def unmerge(matching: Matching, x: torch.Tensor, *, backend: str = "auto") -> to
 
 
 # --------------------------------------------------------------------------- PiToMe
-def _check_energy(metric, margin, alpha, formula) -> None:
-    _check_metric(metric)
+def _check_energy(metric, margin, alpha, formula) -> torch.Tensor:
+    """Checks; returns ``metric`` (contiguous, see :func:`_check_metric`)."""
+    metric = _check_metric(metric)
     for name, v in (("margin", margin), ("alpha", alpha)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     if formula not in FORMULAS:
         raise ValueError(f"formula must be one of {FORMULAS}, got {formula!r}")
+    return metric
 
 
-def pitome_energy(metric: torch.Tensor, margin: float, alpha: float = 1.0, *, formula: str = "design",
+def pitome_energy(metric: torch.Tensor, margin: float, alpha: float = 1.0, *, formula: str = PITOME_FORMULA,
                   backend: str = "auto") -> torch.Tensor:
     """PiToMe energy ``E_i = (1/N) sum_j f(cos(x_i, x_j))`` of ``metric: (B, N, C)``; fp32 ``(B, N)``.
 
+    Default ``formula="elu"``, the same as :func:`pitome_merge` (``PITOME_FORMULA``, see there why).
     ``formula="design"`` (DESIGN.md, the paper's equation): ``f(s) = s if s >= m else
     alpha (exp(s - m) - 1)``.  ``formula="elu"`` (what hchautran/PiToMe ``pitome_vision`` computes):
     ``f(s) = ELU(s - m, alpha)``, i.e. ``s - m`` above the margin: the two differ by ``m`` times the
     fraction of neighbours above the margin, so their rankings can differ.  The sum includes
     ``j = i``.  Tiled kernel: the N x N matrix is never stored.
     """
-    _check_energy(metric, margin, alpha, formula)
+    metric = _check_energy(metric, margin, alpha, formula)
     be = reg.resolve_backend("pitome_energy", backend, metric.device)
     return _energy_op(metric, float(margin), float(alpha), formula == "elu", be)
 
 
-def pitome_merge(metric: torch.Tensor, r: int, margin: float, alpha: float = 1.0, class_token: bool = False, *,
-                 formula: str = "elu", backend: str = "auto") -> Matching:
+def _pitome_r(r, ratio, T: int) -> int:
+    """Tokens to merge from PiToMe's ``r`` (int) or ``ratio`` (fraction of the ``T`` tokens kept).
+
+    ``r`` above ``T // 2`` is clipped to ``T // 2`` (as ToMe's ``bipartite_soft_matching`` in tokops,
+    and PiToMe's own ``min(r, T // 2)``); ``ratio`` maps to ``r = floor(T - T * ratio)`` as in PiToMe
+    and must be in ``[0.5, 1]``: a smaller ratio asks for more than half of the tokens in one step,
+    which bipartite merging cannot give (PiToMe's code fails there), so it is an error, not a clip.
+    """
+    if ratio is None:
+        if r is None:
+            raise TypeError("pitome_merge: give r (tokens to merge, int) or ratio (fraction of tokens kept)")
+        check_int("r", r, min_value=0)
+        return min(r, T // 2)
+    if r is not None:
+        raise TypeError(f"pitome_merge: give r or ratio, not both (got r={r!r}, ratio={ratio!r})")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"ratio must be a float in [0.5, 1], got {type(ratio).__name__} ({ratio!r})")
+    if not 0.5 <= ratio <= 1.0:
+        raise ValueError(f"ratio (fraction of tokens kept) must be in [0.5, 1]: one merge step keeps at least "
+                         f"half of the tokens; got {ratio}")
+    return max(0, min(math.floor(T - T * ratio), T // 2))
+
+
+def pitome_merge(metric: torch.Tensor, r: int | None = None, margin: float = 0.5, alpha: float = 1.0,
+                 class_token: bool = False, *, ratio: float | None = None, formula: str = PITOME_FORMULA,
+                 backend: str = "auto") -> Matching:
     """PiToMe merge plan, matching hchautran/PiToMe ``pitome_vision`` + ``pitome`` (algo/pitome/merge.py).
+
+    How many tokens merge: ``r`` (int; values above ``T // 2`` are clipped to ``T // 2``, ``T`` the
+    tokens after the class token, as ToMe in tokops and PiToMe's code do) or ``ratio=`` (PiToMe's form,
+    the fraction of the ``T`` tokens kept: ``r = floor(T - T * ratio)``; ``ratio`` below 0.5 is a
+    ``ValueError``).  ``margin`` defaults to 0.5 (PiToMe's default).
+
+    Formula: ``formula="elu"`` by default, here and in :func:`pitome_energy` (one default for both,
+    ``PITOME_FORMULA``): it is what the reference code ranks tokens by, so by default the same
+    tokens merge as in the code a user switches from; ``formula="design"`` (the paper's equation,
+    DESIGN.md) is available in both functions.
 
     What is matched (checked in tests against :func:`reference.pitome_merge_ref`, a transcription
     of that code's semantics with the full similarity matrix): the class token (``class_token``) is
@@ -418,14 +463,13 @@ def pitome_merge(metric: torch.Tensor, r: int, margin: float, alpha: float = 1.0
     the layer's value); PiToMe's ``ratio`` maps to ``r = floor(T - T * ratio)``; the
     ``use_bsm_pitome`` and text (Gaussian kernel) variants are not implemented.
     """
-    _check_energy(metric, margin, alpha, formula)
+    metric = _check_energy(metric, margin, alpha, formula)
     if not isinstance(class_token, bool):
         raise TypeError(f"class_token must be a bool, got {type(class_token).__name__}")
-    check_int("r", r, min_value=0)
     B, N, C = metric.shape
     p = int(class_token)
     T = N - p
-    r = min(r, T // 2)
+    r = _pitome_r(r, ratio, T)
     if r <= 0:
         return _identity(B, N, metric.device, class_token)
     with torch.no_grad():
@@ -464,7 +508,8 @@ def prune_topk(x: torch.Tensor, scores: torch.Tensor, keep, protect=None, *, bac
     Returns ``(x_kept (B, keep, C), kept_idx (B, keep) int64, ascending)``; gradients flow to the
     kept tokens.
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, ndim=3, contiguous=False)
+    x = dense(x)  # the gather kernel takes a contiguous input: one internal copy of a strided view
     check_tensor("scores", scores, ndim=2, contiguous=False)
     if not scores.dtype.is_floating_point:
         raise TypeError(f"scores must be a floating tensor, got {scores.dtype}")
@@ -500,7 +545,8 @@ def scatter_back(x_kept: torch.Tensor, kept_idx: torch.Tensor, N: int, fill=None
     """Put ``x_kept: (B, K, C)`` back at ``kept_idx: (B, K)`` (unique per row) of a ``(B, N, C)``
     tensor; the other tokens are ``fill``: ``None``/0, a float, or a ``(B, N, C)`` tensor (e.g. the
     tokens before pruning).  Differentiable w.r.t. ``x_kept`` (and ``fill`` when a tensor)."""
-    check_tensor("x_kept", x_kept, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor("x_kept", x_kept, dtypes=FLOAT_DTYPES, ndim=3, contiguous=False)
+    x_kept = dense(x_kept)  # the gather kernel takes a contiguous input: one internal copy of a strided view
     check_tensor("kept_idx", kept_idx, dtypes=(torch.int64,), ndim=2, contiguous=False)
     check_shape("kept_idx", kept_idx, x_kept.shape[:2])
     check_same_device(x_kept=x_kept, kept_idx=kept_idx)

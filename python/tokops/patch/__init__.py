@@ -11,7 +11,7 @@ Importing this module needs no model library; each function imports what it patc
 """
 
 from .hf_attention import ATTN_IMPLEMENTATION, SparsePolicy, sparse_attention
-from .tome import tome, unpatch_tome
+from .tome import detect_tokens, parse_r, tome, unpatch_tome
 
 
 def quantized_cache(*args, **kwargs):
@@ -21,4 +21,5 @@ def quantized_cache(*args, **kwargs):
     return TokopsQuantizedCache(*args, **kwargs)
 
 
-__all__ = ["tome", "unpatch_tome", "sparse_attention", "SparsePolicy", "ATTN_IMPLEMENTATION", "quantized_cache"]
+__all__ = ["tome", "unpatch_tome", "parse_r", "detect_tokens", "sparse_attention", "SparsePolicy",
+           "ATTN_IMPLEMENTATION", "quantized_cache"]

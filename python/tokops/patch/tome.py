@@ -5,7 +5,20 @@ and before the MLP, ``r`` tokens are merged by bipartite soft matching on the ke
 heads (:func:`tokops.merge.bipartite_soft_matching`), with size-weighted averaging
 (:func:`tokops.merge.merge_wavg`) and *proportional attention*: the next attention adds
 ``log(size)`` to every key's logits (``key_bias`` of :func:`tokops.attention.block_sparse_attention`).
-The class token (position 0) is never merged.
+The class token (position 0) and a distillation token (position 1, DeiT) are never merged; both
+are detected from the model (:func:`detect_tokens`).
+
+Drop-in for facebookresearch/ToMe (``tome.patch.timm(model); model.r = 16``):
+
+* ``r`` takes ToMe's forms (:func:`parse_r`): an int per layer, a list per layer (padded with zeros
+  when shorter, as ToMe does), or ToMe's ``(r, inflect)`` schedule -- plus tokops' float fraction of
+  each row's valid tokens.  ``model.r`` may be set between calls (read at the start of every forward).
+* ``unmerge_output`` -- restore the input length at the encoder output (each token gets the value of
+  the merged token that holds it) -- defaults per model kind: ``False`` for timm models (the
+  classifier sees the merged tokens, exactly as with ToMe: the class token, or the plain mean over
+  the merged tokens for ``global_pool="avg"``), ``True`` for transformers encoders (their outputs
+  keep the input length, for token-level heads and attention masks).  For ``global_pool="avg"``,
+  ``unmerge_output=True`` turns the plain mean over merged tokens into the size-weighted mean.
 
 Supported models (matched by structure, not by class name):
 
@@ -19,9 +32,10 @@ Supported models (matched by structure, not by class name):
 
 Padded text batches: the attention mask's key padding becomes ToMe's ``valid`` mask (padding is
 never merged, DESIGN.md "Padded batches"), and a ``-inf`` key bias. With ``unmerge_output=True``
-(default) the encoder's output is unmerged back to the input length (each token gets the value of
-the merged token that holds it), so pooling and token-level heads work unchanged; mean pooling over
-the unmerged tokens equals size-weighted pooling over the merged ones.
+(the default for transformers models) the encoder's output is unmerged back to the input length
+(each token gets the value of the merged token that holds it), so pooling and token-level heads
+work unchanged; mean pooling over the unmerged tokens equals size-weighted pooling over the merged
+ones.
 
 Inference only: the patched forward skips attention-probability dropout and does not return
 attention weights or per-layer hidden states.
@@ -43,8 +57,9 @@ from .hf_attention import key_padding_valid
 class ToMeState:
     """Per-forward bookkeeping (exposed as ``model._tome_state`` after each forward)."""
 
-    r: int | float | list
+    r: int | float | list | tuple
     class_token: bool = True
+    distill_token: bool = False
     prop_attn: bool = True
     unmerge_output: bool = True
     backend: str = "auto"
@@ -53,9 +68,98 @@ class ToMeState:
     size: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     matchings: list = field(default_factory=list)
+    # r schedule (ToMe's forms): re-read from ``owner.r`` at the start of every forward
+    owner: object = field(default=None, repr=False)  # the patched model (its ``r`` attribute)
+    n_layers: int = 0
+    schedule: list = field(default_factory=list)
 
     def r_for(self, layer: int):
+        if self.schedule:
+            return self.schedule[layer]
         return self.r[layer] if isinstance(self.r, (list, tuple)) else self.r
+
+
+# --------------------------------------------------------------------------- r schedule (ToMe's forms)
+def parse_r(num_layers: int, r) -> list:
+    """``r`` in any of ToMe's forms -> one entry per layer (ToMe ``tome/utils.py parse_r`` semantics).
+
+    * int ``r``: ``r`` tokens in every layer; a float: tokops' fraction of each row's valid tokens,
+      in every layer;
+    * list: one entry per layer; a shorter list is padded with zeros (as ToMe); a longer one is a
+      ``ValueError`` (ToMe silently ignores the extra entries);
+    * tuple ``(r, inflect)`` (int ``r``, ``inflect`` in [-1, 1]): ToMe's schedule, ``min = int(r * (1 -
+      inflect))``, ``max = 2 r - min``, layer ``i`` merges ``int(min + (max - min) / (L - 1) * i)``;
+      ``(r, 0)`` is the constant ``r``, ``(r, -1)`` the paper's decreasing schedule.
+    """
+    if isinstance(r, bool) or not isinstance(r, (int, float, list, tuple)):
+        raise TypeError(f"r must be an int, a float fraction, a list per layer or an (r, inflect) tuple, "
+                        f"got {type(r).__name__}")
+    if isinstance(r, list):
+        if len(r) > num_layers:
+            raise ValueError(f"r: a list has at most one entry per layer ({num_layers}), got {len(r)}")
+        for i, v in enumerate(r):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"r[{i}] must be an int or a float fraction, got {type(v).__name__} ({v!r})")
+        return list(r) + [0] * (num_layers - len(r))
+    if isinstance(r, tuple):
+        if len(r) != 2:
+            raise ValueError(f"r as a tuple must be ToMe's (r, inflect) schedule, got {len(r)} entries: {r!r}")
+        base, inflect = r
+        if isinstance(base, bool) or not isinstance(base, int) or base < 0:
+            raise TypeError(f"r: in an (r, inflect) schedule r must be an int >= 0, got {base!r}")
+        if isinstance(inflect, bool) or not isinstance(inflect, (int, float)) or not -1.0 <= inflect <= 1.0:
+            raise ValueError(f"r: in an (r, inflect) schedule inflect must be a number in [-1, 1], got {inflect!r}")
+        lo = int(base * (1.0 - inflect))
+        hi = 2 * base - lo
+        step = (hi - lo) / (num_layers - 1) if num_layers > 1 else 0.0
+        return [int(lo + step * i) for i in range(num_layers)]
+    return [r] * num_layers
+
+
+def _start_forward(state: ToMeState) -> None:
+    """At the start of every patched forward: read ``r`` from the patched model (``model.r``, settable
+    between calls as with ToMe) and expand it to the per-layer schedule."""
+    owner = state.owner
+    r = getattr(owner, "r", state.r) if owner is not None else state.r
+    state.schedule = parse_r(state.n_layers, r)
+    state.r = r
+
+
+# --------------------------------------------------------------------------- token detection
+def detect_tokens(model: torch.nn.Module, kind: str | None = None) -> tuple[bool, bool]:
+    """``(class_token, distill_token)`` of ``model``, read from the model as ToMe does.
+
+    timm: ``model.cls_token is not None`` and ``model.dist_token`` (``VisionTransformerDistilled``);
+    other prefix tokens (``num_prefix_tokens`` above those two, e.g. register tokens) are not
+    supported (``ValueError``).  transformers: ``embeddings.cls_token`` (ViT; BERT-style encoders have
+    ``[CLS]`` at position 0) and ``embeddings.distillation_token`` (DeiT).
+    """
+    kind = kind or _kind(model)
+    if kind == "timm":
+        target = _target(model, kind)
+        cls = getattr(target, "cls_token", None) is not None
+        dist = getattr(target, "dist_token", None) is not None
+        npt = getattr(target, "num_prefix_tokens", int(cls) + int(dist))
+        if npt != int(cls) + int(dist):
+            raise ValueError(f"tokops.patch.tome: the model has {npt} prefix tokens (num_prefix_tokens) but only "
+                             f"a class token ({cls}) and a distillation token ({dist}) can be protected; register "
+                             f"tokens are not supported")
+        return cls, dist
+    if kind == "vit":
+        target = _target(model, kind)
+        emb = getattr(target, "embeddings", None)
+        if emb is None:
+            return True, False
+        cls = getattr(emb, "cls_token", None) is not None
+        dist = getattr(emb, "distillation_token", None) is not None
+        return cls, dist and cls
+    return True, False  # BERT-style: [CLS] at position 0
+
+
+def default_unmerge_output(kind: str) -> bool:
+    """``unmerge_output`` default per model kind: ``False`` for timm (classifier heads see the merged
+    tokens, as with ToMe), ``True`` for transformers encoders (outputs keep the input length)."""
+    return kind != "timm"
 
 
 def _key_bias(size: torch.Tensor | None, valid: torch.Tensor | None, prop_attn: bool, B: int, N: int, device):
@@ -72,9 +176,9 @@ def _key_bias(size: torch.Tensor | None, valid: torch.Tensor | None, prop_attn: 
 def _attend(q, k, v, bias, scale, backend):
     """``q, k, v: (B, N, H, D)`` -> context ``(B, N, H*D)`` with the tokops attention op."""
     B, N, H, D = q.shape
-    out = tka.block_sparse_attention(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
-                                     v.transpose(1, 2).contiguous(), None, scale=scale, key_bias=bias,
-                                     backend=backend)
+    # strided (B, H, N, D) views: the attention op reads them in place (no transpose copies)
+    out = tka.block_sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, scale=scale,
+                                     key_bias=bias, backend=backend)
     return out.transpose(1, 2).reshape(B, N, H * D)
 
 
@@ -84,7 +188,8 @@ def _merge_step(state: ToMeState, layer: int, x, k_heads, size, valid, matchings
     if not r:
         return x, size, valid
     metric = k_heads.mean(2)
-    m = tkm.bipartite_soft_matching(metric, r, class_token=state.class_token, valid=valid, backend=state.backend)
+    m = tkm.bipartite_soft_matching(metric, r, class_token=state.class_token, distill_token=state.distill_token,
+                                    valid=valid, backend=state.backend)
     if m.is_identity:
         return x, size, valid
     x, size = tkm.merge_wavg(m, x, size, backend=state.backend)
@@ -109,6 +214,7 @@ def _bert_encoder_forward(self, hidden_states, attention_mask=None, *args, **kwa
     size = torch.ones_like(hidden_states[..., :1])
     matchings, x = [], hidden_states
     state.tokens_per_layer = []
+    _start_forward(state)
     for i, layer in enumerate(self.layer):
         sa = layer.attention.self
         H, D = sa.num_attention_heads, sa.attention_head_size
@@ -143,6 +249,7 @@ def _vit_layer_forward(layer, state: ToMeState, index: int):
         x = hidden_states
         if index == 0:  # a new forward pass starts at the first layer
             state.size, state.valid, state.matchings, state.tokens_per_layer = torch.ones_like(x[..., :1]), None, [], []
+            _start_forward(state)
         h = layer.layernorm_before(x)
         shp = (*h.shape[:2], H, D)
         q, k, v = q_proj(h).view(shp), k_proj(h).view(shp), v_proj(h).view(shp)
@@ -170,6 +277,7 @@ def _timm_blocks_forward(model, x):
     size = torch.ones_like(x[..., :1])
     matchings, valid = [], None
     state.tokens_per_layer = []
+    _start_forward(state)
     for i, blk in enumerate(model.blocks):
         attn = blk.attn
         B, N, C = x.shape
@@ -188,7 +296,10 @@ def _timm_blocks_forward(model, x):
     return _unmerge_all(state, x, matchings)
 
 
-def _timm_forward_features(self, x, *args, **kwargs):
+def _timm_forward_features(self, x, attn_mask=None, is_causal=False, *args, **kwargs):
+    if attn_mask is not None or is_causal:
+        raise ValueError("tokops.patch.tome: a timm forward with attn_mask / is_causal is not supported "
+                         "(token merging changes the sequence length)")
     x = self.patch_embed(x)
     x = self._pos_embed(x)
     x = self.patch_drop(x)
@@ -247,29 +358,45 @@ def _target_inner(model, kind):
     raise TypeError(f"tokops.patch.tome: cannot find the encoder of {type(model).__name__}")
 
 
-def tome(model: torch.nn.Module, r: int | float | list = 8, *, class_token: bool = True, prop_attn: bool = True,
-         unmerge_output: bool = True, backend: str = "auto") -> torch.nn.Module:
+def tome(model: torch.nn.Module, r: int | float | list | tuple = 8, *, class_token: bool | None = None,
+         distill_token: bool | None = None, prop_attn: bool = True, unmerge_output: bool | None = None,
+         backend: str = "auto") -> torch.nn.Module:
     """Apply ToMe to ``model`` in place (and return it).
 
-    ``r``: tokens merged per layer (int), a fraction of each row's valid tokens (float), or a list
-    with one entry per layer. ``r=0`` keeps the model's output (up to the attention kernel's
-    rounding). ``class_token``: never merge token 0 (CLS). ``prop_attn``: add ``log(size)`` to the
-    attention logits. ``unmerge_output``: restore the input length at the encoder output.
+    ``r``: tokens merged per layer, in any of ToMe's forms (:func:`parse_r`): an int, a list per
+    layer (padded with zeros when shorter), an ``(r, inflect)`` schedule; or a float fraction of each
+    row's valid tokens.  ``model.r`` is set to ``r`` and may be changed between calls, as with ToMe.
+    ``r=0`` keeps the model's output (up to the attention kernel's rounding).
+    ``class_token`` / ``distill_token``: never merge token 0 (CLS) / token 1 (DeiT's distillation
+    token); ``None`` (default) detects them from the model (:func:`detect_tokens`: timm ``cls_token``,
+    ``dist_token``, ``num_prefix_tokens``; transformers ``embeddings.cls_token`` /
+    ``distillation_token``).  ``prop_attn``: add ``log(size)`` to the attention logits.
+    ``unmerge_output``: restore the input length at the encoder output; ``None`` (default) picks
+    :func:`default_unmerge_output` (timm: ``False``, as ToMe; transformers: ``True``).
     Call :func:`unpatch_tome` to restore the original forward.
     """
     kind = _kind(model)
     target = _target(model, kind)
-    if isinstance(r, bool) or not isinstance(r, (int, float, list, tuple)):
-        raise TypeError(f"r must be an int, a float fraction or a list per layer, got {type(r).__name__}")
     layers = {"timm": lambda: target.blocks, "vit": lambda: _vit_layers(target), "bert": lambda: target.layer}[kind]()
     n_layers = len(layers)
-    if isinstance(r, (list, tuple)) and len(r) != n_layers:
-        raise ValueError(f"r: a list needs one entry per layer ({n_layers}), got {len(r)}")
-    target._tome_state = ToMeState(r=r, class_token=class_token, prop_attn=prop_attn, unmerge_output=unmerge_output,
-                                   backend=backend)
-    model._tome_state = target._tome_state
+    parse_r(n_layers, r)  # fail at patch time on a bad r
+    cls_found, dist_found = detect_tokens(model, kind)
+    class_token = cls_found if class_token is None else class_token
+    distill_token = (dist_found and class_token) if distill_token is None else distill_token
+    for name, v in (("class_token", class_token), ("distill_token", distill_token), ("prop_attn", prop_attn)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool (or None to detect it), got {type(v).__name__}")
+    if distill_token and not class_token:
+        raise ValueError("distill_token=True needs class_token=True (the distillation token follows the class token)")
+    unmerge_output = default_unmerge_output(kind) if unmerge_output is None else unmerge_output
+    if not isinstance(unmerge_output, bool):
+        raise TypeError(f"unmerge_output must be a bool or None, got {type(unmerge_output).__name__}")
     if hasattr(target, "_tome_original_forward"):
         unpatch_tome(model)
+    target._tome_state = ToMeState(r=r, class_token=class_token, distill_token=distill_token, prop_attn=prop_attn,
+                                   unmerge_output=unmerge_output, backend=backend, owner=model, n_layers=n_layers)
+    model._tome_state = target._tome_state
+    model.r = r  # settable between calls, as ToMe's model.r
     if kind == "vit":
         originals = [layer.forward for layer in layers]
         for i, layer in enumerate(layers):
