@@ -247,6 +247,26 @@ def _target_inner(model, kind):
     raise TypeError(f"tokops.patch.tome: cannot find the encoder of {type(model).__name__}")
 
 
+def _check_tome_args(r, class_token, prop_attn, unmerge_output, backend) -> None:
+    """Validate :func:`tome`'s arguments when patching (not at the first forward)."""
+    from ..merge.ops import _check_r
+
+    for i, ri in enumerate(r if isinstance(r, (list, tuple)) else [r]):
+        try:
+            _check_r(ri)
+        except (TypeError, ValueError) as e:
+            if not isinstance(r, (list, tuple)):
+                raise
+            raise type(e)(f"r[{i}]: {e}") from None
+    for name, v in (("class_token", class_token), ("prop_attn", prop_attn), ("unmerge_output", unmerge_output)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    from .._registry import BACKENDS
+
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+
+
 def tome(model: torch.nn.Module, r: int | float | list = 8, *, class_token: bool = True, prop_attn: bool = True,
          unmerge_output: bool = True, backend: str = "auto") -> torch.nn.Module:
     """Apply ToMe to ``model`` in place (and return it).
@@ -265,6 +285,7 @@ def tome(model: torch.nn.Module, r: int | float | list = 8, *, class_token: bool
     n_layers = len(layers)
     if isinstance(r, (list, tuple)) and len(r) != n_layers:
         raise ValueError(f"r: a list needs one entry per layer ({n_layers}), got {len(r)}")
+    _check_tome_args(r, class_token, prop_attn, unmerge_output, backend)
     target._tome_state = ToMeState(r=r, class_token=class_token, prop_attn=prop_attn, unmerge_output=unmerge_output,
                                    backend=backend)
     model._tome_state = target._tome_state
