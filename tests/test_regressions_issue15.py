@@ -241,6 +241,21 @@ def test_quantize_huge_finite_values_raise_instead_of_inf(backend, axis):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fp16_range_edge_dequantizes_finite(backend, bits):
+    x = torch.zeros(1, 32, 32, dtype=torch.float16)
+    x[0, :, 0] = -65504.0
+    x[0, ::2, 1], x[0, 1::2, 1] = 65504.0, -65504.0
+    for axis in (-1, -2):
+        out = dequantize(quantize(x, bits, 32, axis, backend=backend), backend=backend)
+        assert torch.isfinite(out).all() and (out[0, ::2, 1] == 65504.0).all()
+    cache = QuantizedKVCache(bits, bits, group_size=32, residual=0, backend=backend)
+    cache.append(x[:, None], x[:, None])
+    assert cache.n_quant == 32
+    assert all(torch.isfinite(t).all() for t in cache.dequantized(torch.float16))
+
+
 def test_quantize_huge_bf16_raises():
     x = torch.full((1, 4, 32), 1e6, dtype=torch.bfloat16)
     x[0, 0, 0] = -1e6

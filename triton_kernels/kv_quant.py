@@ -106,6 +106,8 @@ def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, L, C, W, n_units
     s = tl.load(scale_ptr + soff, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(zero_ptr + soff, mask=mask, other=0.0).to(tl.float32)
     out = q * s + z  # launched with enable_fp_fusion=False: two roundings, like the reference
+    if out_ptr.dtype.element_ty == tl.float16:  # saturate (never inf from a finite input); NaN stays NaN
+        out = tl.where(out > 65504.0, 65504.0, tl.where(out < -65504.0, -65504.0, out))
     tl.store(out_ptr + r * osr + t[:, None] * ost + c[None, :] * osc, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

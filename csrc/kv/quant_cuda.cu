@@ -196,7 +196,10 @@ __global__ void dequantize_kernel(const int32_t* __restrict__ codes, const __hal
     if (t >= ov.L) break;
     const int64_t so = r * sv.sr + (t / G) * sv.st + c * sv.sc;
     const float q = static_cast<float>((word >> (BITS * k)) & QMAX);
-    const float v = __fadd_rn(__fmul_rn(q, __half2float(scale[so])), __half2float(zero[so]));
+    float v = __fadd_rn(__fmul_rn(q, __half2float(scale[so])), __half2float(zero[so]));
+    if constexpr (std::is_same_v<T, at::Half>) {  // saturate like the reference (NaN stays NaN)
+      v = v > 65504.f ? 65504.f : (v < -65504.f ? -65504.f : v);
+    }
     op[t * ov.st] = static_cast<T>(v);
   }
 }

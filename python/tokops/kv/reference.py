@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 FP8_MAX = 448.0
+FP16_MAX = 65504.0  # dequantize saturates fp16 outputs here: q * scale + zero may round just past it
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -89,6 +90,8 @@ def dequantize(codes, scale, zero, bits: int, group_size: int, axis: int, length
     n_groups = s.shape[-1]
     q = q[..., : n_groups * group_size].unflatten(-1, (n_groups, group_size))
     x = (q * s.unsqueeze(-1) + z.unsqueeze(-1)).flatten(-2)[..., :length]
+    if dtype == torch.float16:  # saturate: a finite input never dequantizes to inf (NaN stays NaN)
+        x = torch.where(x > FP16_MAX, FP16_MAX, torch.where(x < -FP16_MAX, -FP16_MAX, x))
     return _to_last(x.to(dtype), axis).contiguous()
 
 
