@@ -559,3 +559,50 @@ def test_tokops_kv_gets_the_padding_mask():
                                         past_key_values=cache, pad_token_id=0)
     model.set_attn_implementation("sdpa")
     assert torch.equal(outs["sdpa"], outs["tokops_kv"])
+
+
+# =========================================================================== GPU paths (skipped without a GPU)
+def _gpu_backends():
+    bes = ["triton"]
+    if tokops.cuda_compiled():
+        bes.append("cuda")
+    return bes
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_gpu_quantize_nan_inf_and_fp16_edge_match_the_reference(axis):
+    x = torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(1))
+    x[0, 3, 5] = float("nan")
+    x[1, 40, 9] = float("inf")
+    exp = tokops.kv.reference.quantize(x, 4, 32, axis)
+    e16 = torch.zeros(1, 32, 32, dtype=torch.float16)
+    e16[0, :, 0], e16[0, ::2, 1], e16[0, 1::2, 1] = -65504.0, 65504.0, -65504.0
+    for be in _gpu_backends():
+        qt = quantize(x.cuda(), 4, 32, axis, backend=be)
+        assert torch.equal(qt.codes.cpu(), exp[0]), be
+        torch.testing.assert_close(qt.scale.cpu(), exp[1], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(qt.zero.cpu(), exp[2], rtol=0, atol=0, equal_nan=True)
+        out = dequantize(qt, backend=be).cpu()
+        assert out[0, 3, 5].isnan() and out[1, 40, 9].isnan()
+        out16 = dequantize(quantize(e16.cuda(), 2, 32, axis, backend=be), backend=be)
+        assert torch.isfinite(out16).all(), be
+        ft = quantize_fp8(x.cuda(), backend=be)
+        y = dequantize_fp8(ft, torch.float32, backend=be).cpu()
+        assert y[0, 3].isnan().all() and y[1, 40].isnan().all() and torch.isfinite(y[0, 4]).all()
+        with pytest.raises(ValueError, match="^x: values up to"):
+            quantize(x.cuda().nan_to_num(0.0, 0.0, 0.0) * 1e6, 4, 32, axis, backend=be)
+
+
+@pytest.mark.cuda
+def test_gpu_tome_non_finite_metric_same_plan():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 18, 16, generator=g)
+    x[0, 3, 2] = float("nan")
+    x[1, 7] = 0
+    x[1, 2, 0] = float("inf")
+    ref_m = bipartite_soft_matching(x, 6, class_token=True, backend="torch")
+    bes = ["triton"] + (["cuda"] if tokops.cuda_compiled() else [])
+    for be in bes:
+        m = bipartite_soft_matching(x.cuda(), 6, class_token=True, backend=be)
+        assert torch.equal(m.slot.cpu(), ref_m.slot), be
