@@ -95,3 +95,63 @@ def test_fuzz_covers_backends():
     if not torch.cuda.is_available():
         pytest.importorskip("triton")
         assert ("triton", "cpu") in BACKENDS
+
+
+# --------------------------------------------------------------------------- non-finite, huge, compiled (issue 15)
+@st.composite
+def hostile_quant_inputs(draw):
+    backend, device = draw(st.sampled_from(BACKENDS))
+    kind = draw(st.sampled_from(["nan", "inf", "huge_fp32", "edge_fp16", "mixed"]))
+    bits = draw(st.sampled_from([8, 4, 2]))
+    group_size = draw(st.sampled_from([4, 16, 32]))
+    axis = draw(st.sampled_from([-1, -2]))
+    n = draw(st.integers(1, 40))
+    d = group_size * draw(st.integers(1, 2)) if axis == -1 else draw(st.integers(1, 12))
+    compiled = draw(st.integers(0, 3)) == 0
+    return backend, device, kind, bits, group_size, axis, n, d, compiled, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=20, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_quant_inputs())
+def test_quantize_non_finite_huge_and_compiled_fuzz(args):
+    """NaN/inf reach the dequantized group as NaN (never made finite), every finite input either
+    dequantizes to finite values or raises a clear error naming x, identical on every backend."""
+    backend, device, kind, bits, group_size, axis, n, d, compiled, seed = args
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, n, d, generator=g)
+    dtype = torch.float32
+    pos = (int(torch.randint(2, (), generator=g)), int(torch.randint(n, (), generator=g)),
+           int(torch.randint(d, (), generator=g)))
+    if kind == "nan":
+        x[pos] = float("nan")
+    elif kind == "inf":
+        x[pos] = float("inf") if seed % 2 else -float("inf")
+    elif kind == "huge_fp32":
+        x = x * 10.0 ** float(torch.randint(3, 7, (), generator=g))
+    elif kind == "edge_fp16":  # the fp16 range: never an error, always finite
+        x, dtype = (x.sign() * 65504.0 * torch.rand(x.shape, generator=g)).half(), torch.float16
+    else:
+        x[pos] = float("nan")
+        x = x * 1e6
+    finite_in = bool(torch.isfinite(x).all())
+
+    def run(x):
+        qt = tokops.kv.quantize(x, bits, group_size, axis, backend=backend)
+        return qt.codes, qt.scale, qt.zero, tokops.kv.dequantize(qt, torch.float32, backend=backend)
+
+    if compiled:
+        torch._dynamo.reset()
+        run = torch.compile(run, backend="aot_eager", fullgraph=True)
+    try:
+        codes, scale, zero, out = (t.cpu() for t in run(x.to(device)))
+    except ValueError as e:
+        assert not compiled and finite_in and str(e).startswith("x: values up to"), e
+        return
+    exp = ref.quantize(x, bits, group_size, axis)
+    assert torch.equal(codes, exp[0])
+    torch.testing.assert_close(scale, exp[1], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(zero, exp[2], rtol=0, atol=0, equal_nan=True)
+    if finite_in and not compiled:
+        assert torch.isfinite(out).all()
+    assert (out.isnan() | ~torch.isfinite(x.float())).sum() >= int((~torch.isfinite(x)).sum())
+    assert not torch.isfinite(out[~torch.isfinite(x)]).any()  # NaN / inf never comes back finite

@@ -145,3 +145,51 @@ def test_padded_fuzz(args):
     if _padded_separated(metric, valid, cls, dist):
         exp = R.apply_groups(groups, x, m.n_out, "mean")
         torch.testing.assert_close(M.merge(m, x.to(device), backend=_mb(backend)).cpu(), exp, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- non-finite / huge metrics (issue 15)
+@st.composite
+def hostile_metrics(draw):
+    B, N, C = draw(st.integers(1, 2)), draw(st.integers(2, 30)), draw(st.sampled_from([4, 16]))
+    kind = draw(st.sampled_from(["nan", "inf", "zero", "huge", "tiny", "all_zero"]))
+    r = draw(st.one_of(st.integers(0, 16), st.floats(0.0, 0.5)))
+    cls = draw(st.booleans())
+    padded = draw(st.booleans())
+    return B, N, C, kind, r, cls, padded, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=20, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_metrics())
+def test_tome_non_finite_and_huge_metric_fuzz(args):
+    """One plan on every backend for NaN/inf/zero/huge metrics; the class token never merges; the
+    plan is a valid matching (every token in exactly one output)."""
+    B, N, C, kind, r, cls, padded, seed = args
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(B, N, C, generator=g)
+    t = int(torch.randint(N, (), generator=g))
+    if kind == "nan":
+        metric[0, t, 0] = float("nan")
+    elif kind == "inf":
+        metric[0, t, 1 % C] = float("inf")
+    elif kind == "zero":
+        metric[0, t] = 0
+    elif kind == "huge":
+        metric[0] *= 2.0 ** 90
+    elif kind == "tiny":
+        metric[0] *= 2.0 ** -90
+    else:
+        metric.zero_()
+    valid = None
+    if padded:
+        valid = torch.arange(N)[None, :] < torch.randint(1, N + 1, (B, 1), generator=g)
+    plans = []
+    for backend, device in BACKENDS:
+        m = M.bipartite_soft_matching(metric.to(device), r, class_token=cls,
+                                      valid=None if valid is None else valid.to(device), backend=backend)
+        plans.append(m)
+        if cls:
+            assert (m.slot[:, 0].cpu() == 0).all() and ((m.slot.cpu() == 0).sum(1) == 1).all()
+    for m in plans[1:]:
+        assert m.n_out == plans[0].n_out and torch.equal(m.slot.cpu(), plans[0].slot.cpu())
+    _check_structure(plans[0], torch.randn(B, N, 3, generator=g).to(plans[0].slot.device), N,
+                     None if valid is None else valid.to(plans[0].slot.device))

@@ -12,6 +12,12 @@
   KV head and loops over the query heads of its GQA group, so no atomics are needed.
 * Key mass: the dV pass with ``dO = 1``: ``mass[b,h,j] = sum_i exp(s_ij - lse_i)``.
 
+Mask bound checks (the mask values are validated on the host only in eager mode with
+``check_mask=True``): every kernel clamps a block count to ``[0, nBlocks]`` and skips a block index
+outside ``[0, nBlocks)`` -- it is never read, never a crash.  Repeated blocks in a row are removed
+by the Python wrapper (:func:`tokops.attention.masks.canonical_csr`) before the kernels run when the
+values were not validated; the kernels themselves assume distinct indices.
+
 Accumulation is fp32; the probability tile is cast to the input dtype for the P@V / dS@K
 products (as FlashAttention does).  fp32 inputs use IEEE fp32 dots (no TF32).
 """
@@ -72,14 +78,16 @@ def _fwd_kernel(Q, K, V, Bias, Out, Lse, KVN, KVI, PAcc, PM, PL,
     lim_n = Nk
     if CAUSAL:
         lim_n = pid_m * BM + BM - 1 + causal_off  # last key any row of this tile may see
-    nblk = tl.load(KVN + b * snb + h * snh + qblk * snq)
+    n_kb = tl.cdiv(Nk, BLOCK_K)
+    nblk = tl.minimum(tl.maximum(tl.load(KVN + b * snb + h * snh + qblk * snq), 0), n_kb)  # bound check
     t_lo = split * per_split
     t_hi = tl.minimum(nblk, t_lo + per_split)
     for t in range(t_lo, t_hi):
         kb = tl.load(KVI + b * sib + h * sih + qblk * siq + t)
+        kb_ok = (kb >= 0) & (kb < n_kb)  # an out-of-range block index is skipped, never read
         for sub in range(0, BLOCK_K // BN):
             start_n = kb * BLOCK_K + sub * BN
-            if start_n <= lim_n:
+            if kb_ok & (start_n <= lim_n):
                 offs_n = start_n + tl.arange(0, BN)
                 nmask = offs_n < Nk
                 kT = tl.load(kbase + offs_n[None, :] * skn + offs_d[:, None],
@@ -187,12 +195,14 @@ def _bwd_dq_kernel(Q, K, V, Bias, DO, Lse, Delta, DQ, KVN, KVI,
     lim_n = Nk
     if CAUSAL:
         lim_n = pid_m * BM + BM - 1 + causal_off  # last key any row of this tile may see
-    nblk = tl.load(KVN + b * snb + h * snh + qblk * snq)
+    n_kb = tl.cdiv(Nk, BLOCK_K)
+    nblk = tl.minimum(tl.maximum(tl.load(KVN + b * snb + h * snh + qblk * snq), 0), n_kb)  # bound check
     for t in range(0, nblk):
         kb = tl.load(KVI + b * sib + h * sih + qblk * siq + t)
+        kb_ok = (kb >= 0) & (kb < n_kb)  # an out-of-range block index is skipped, never read
         for sub in range(0, BLOCK_K // BN):
             start_n = kb * BLOCK_K + sub * BN
-            if start_n <= lim_n:
+            if kb_ok & (start_n <= lim_n):
                 offs_n = start_n + tl.arange(0, BN)
                 nd_mask = (offs_n < Nk)[None, :] & dmask[:, None]
                 kT = tl.load(kbase + offs_n[None, :] * skn + offs_d[:, None], mask=nd_mask, other=0.0)
@@ -231,16 +241,18 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, DO, Lse, Delta, DK, DV, DBias, QN, QI,
     lim_m = 0
     if CAUSAL:
         lim_m = pid_n * BN - BM + 1 - causal_off  # query tiles starting below this see no key of the tile
+    n_qb = tl.cdiv(Nq, BLOCK_Q)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
         dbias = tl.zeros([BN], tl.float32)
-        nblk = tl.load(QN + b * snb + h * snh + kblk * snk)
+        nblk = tl.minimum(tl.maximum(tl.load(QN + b * snb + h * snh + kblk * snk), 0), n_qb)  # bound check
         for t in range(0, nblk):
             qb = tl.load(QI + b * sib + h * sih + kblk * sik + t)
+            qb_ok = (qb >= 0) & (qb < n_qb)  # an out-of-range block index is skipped, never read
             for sub in range(0, BLOCK_Q // BM):
                 start_m = qb * BLOCK_Q + sub * BM
-                if start_m >= lim_m:
+                if qb_ok & (start_m >= lim_m):
                     offs_m = start_m + tl.arange(0, BM)
                     mmask = offs_m < Nq
                     qd_mask = mmask[:, None] & dmask[None, :]
@@ -298,12 +310,14 @@ def _mass_kernel(Q, K, Bias, Lse, Mass, QN, QI,
     lim_m = 0
     if CAUSAL:
         lim_m = pid_n * BN - BM + 1 - causal_off  # query tiles starting below this see no key of the tile
-    nblk = tl.load(QN + b * snb + h * snh + kblk * snk)
+    n_qb = tl.cdiv(Nq, BLOCK_Q)
+    nblk = tl.minimum(tl.maximum(tl.load(QN + b * snb + h * snh + kblk * snk), 0), n_qb)  # bound check
     for t in range(0, nblk):
         qb = tl.load(QI + b * sib + h * sih + kblk * sik + t)
+        qb_ok = (qb >= 0) & (qb < n_qb)  # an out-of-range block index is skipped, never read
         for sub in range(0, BLOCK_Q // BM):
             start_m = qb * BLOCK_Q + sub * BM
-            if start_m >= lim_m:
+            if qb_ok & (start_m >= lim_m):
                 offs_m = start_m + tl.arange(0, BM)
                 mmask = offs_m < Nq
                 q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],

@@ -59,6 +59,9 @@ def _quantize_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, L, C, W, n_units, n_
     empty = mn > mx  # a group entirely past the end (only when U > G): keep its lanes finite
     mn = tl.where(empty, 0.0, mn)
     mx = tl.where(empty, 0.0, mx)
+    has_nan = tl.max(tl.where(m3 & (x3 != x3), 1, 0), axis=1) > 0  # min/max may drop NaN: propagate it
+    mn = tl.where(has_nan, float("nan"), mn)
+    mx = tl.where(has_nan, float("nan"), mx)
     zero_h = mn.to(tl.float16)
     scale_h = tl.math.div_rn(mx - mn, tl.full(mx.shape, QMAX, tl.float32)).to(tl.float16)
     g = u * NG + tl.arange(0, NG)
@@ -72,7 +75,8 @@ def _quantize_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, L, C, W, n_units, n_
     v = tl.math.div_rn(x3 - z, tl.where(s == 0, 1.0, s))
     v = tl.minimum(tl.maximum(v, 0.0), QMAX)
     q = (v + _RNE_MAGIC) - _RNE_MAGIC
-    q = tl.where(m3 & (s != 0), q, 0.0)
+    ok = (s != 0) & (tl.abs(s) < float("inf")) & (tl.abs(z) < float("inf"))  # False for NaN/inf scale or zero
+    q = tl.where(m3 & ok, q, 0.0)
     q = tl.reshape(q.to(tl.uint32), (NW, CPW, BC))
     shifts = (tl.arange(0, CPW) * BITS).to(tl.uint32)
     words = tl.sum(q << shifts[None, :, None], axis=1)  # disjoint bit fields: sum == OR
@@ -102,6 +106,8 @@ def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, L, C, W, n_units
     s = tl.load(scale_ptr + soff, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(zero_ptr + soff, mask=mask, other=0.0).to(tl.float32)
     out = q * s + z  # launched with enable_fp_fusion=False: two roundings, like the reference
+    if out_ptr.dtype.element_ty == tl.float16:  # saturate (never inf from a finite input); NaN stays NaN
+        out = tl.where(out > 65504.0, 65504.0, tl.where(out < -65504.0, -65504.0, out))
     tl.store(out_ptr + r * osr + t[:, None] * ost + c[None, :] * osc, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -173,10 +179,11 @@ def _quantize_fp8_kernel(x_ptr, codes_ptr, scale_ptr, M, D, BM: tl.constexpr, BD
     off = rows[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
+    amax = tl.where(tl.max(tl.where(mask & (x != x), 1, 0), axis=1) > 0, float("nan"), amax)  # keep NaN
     scale = tl.math.div_rn(amax, tl.full(amax.shape, _FP8_MAX, tl.float32))
     y = tl.math.div_rn(x, tl.where(scale == 0, 1.0, scale)[:, None])
     y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
-    y = tl.where((scale == 0)[:, None], 0.0, y)
+    y = tl.where(((scale == 0) | ~(scale < float("inf")))[:, None], 0.0, y)  # NaN/inf scale: codes 0
     tl.store(codes_ptr + off, y.to(codes_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + rows, scale, mask=rows < M)
 

@@ -88,7 +88,7 @@ def _match_kernel(m_ptr, inv_ptr, valid_ptr, max_ptr, idx_ptr, N, C, nA, nB, sm_
             col_ok = col_ok & (bj != 0)
         s = _dot_tile(m_ptr, sm_b, sm_n, pid_b, a_tok, a_ok, b_tok, b_ok, C, BM, BN, BK, IEEE)
         s = s * inv_a[:, None] * inv_b[None, :]
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        s = tl.where(col_ok[None, :] & (s == s), s, float("-inf"))  # a NaN score never wins
         tile_max = tl.max(s, axis=1)
         tile_arg = tl.argmax(s, axis=1, tie_break_left=True).to(tl.int64) + j0
         upd = tile_max > best  # strict: an equal later value keeps the earlier (lower) index

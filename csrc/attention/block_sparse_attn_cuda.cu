@@ -39,7 +39,7 @@ struct FwdParams {
   const int32_t* kvi;
   int64_t sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son;
   int64_t sbb, sbh, snb, snh, snq, sib, sih, siq;
-  int H, group, nq, nk, block_q, block_k, causal_off;
+  int H, group, nq, nk, block_q, block_k, n_kblocks, causal_off;
   float qk_scale;  // scale * log2(e)
   bool causal, has_bias;
 };
@@ -78,18 +78,22 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attn_fwd_kernel(FwdPara
   __syncthreads();
 
   const int qblk = m0 / p.block_q;
-  const int nblk = p.kvn[b * p.snb + h * p.snh + qblk * p.snq];
+  // Bound checks (the mask values are not validated under torch.compile / check_mask=False):
+  // the count is clamped to [0, nK] and an index outside [0, nK) is skipped, never read.
+  int nblk = p.kvn[b * p.snb + h * p.snh + qblk * p.snq];
+  nblk = nblk < 0 ? 0 : (nblk > p.n_kblocks ? p.n_kblocks : nblk);
   const int32_t* row_blocks = p.kvi + b * p.sib + h * p.sih + qblk * p.siq;
   const int lim_n = p.causal ? m0 + kBM - 1 + p.causal_off : p.nk - 1;  // last key any row may see
   const int wr = warp * 16;                                            // this warp's first row
 
   for (int t = 0; t < nblk; ++t) {
     const int kb = row_blocks[t];
+    if (kb < 0 || kb >= p.n_kblocks) continue;  // uniform over the CTA
     for (int sub = 0; sub < p.block_k / kBN; ++sub) {
       const int n0 = kb * p.block_k + sub * kBN;
       if (n0 >= p.nk || n0 > lim_n) continue;  // uniform over the CTA
-      load_tile<T, D>(Ks, kp + n0 * p.skn, p.skn, kBN, p.nk - n0);
-      load_tile<T, D>(Vs, vp + n0 * p.svn, p.svn, kBN, p.nk - n0);
+      load_tile<T, D>(Ks, kp + int64_t(n0) * p.skn, p.skn, kBN, p.nk - n0);
+      load_tile<T, D>(Vs, vp + int64_t(n0) * p.svn, p.svn, kBN, p.nk - n0);
       __syncthreads();
 
       // S[wr:wr+16, :] = Q[wr:wr+16] K^T
@@ -242,6 +246,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attn_fwd_cuda(const at::Tensor& 
   prm.nk = int(Nk);
   prm.block_q = int(block_q);
   prm.block_k = int(block_k);
+  prm.n_kblocks = int(nK);
   prm.causal_off = int(Nk - Nq);
   prm.qk_scale = float(scale) * kLog2e;
   prm.causal = causal;

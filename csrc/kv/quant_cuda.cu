@@ -56,6 +56,12 @@ __device__ __forceinline__ void unit_coords(int64_t idx, int64_t n_units, int64_
   }
 }
 
+// min / max that propagate NaN (fminf/fmaxf drop it): a group holding NaN gets a NaN scale and zero.
+__device__ __forceinline__ float min_nan(float a, float b) { return (a < b || a != a) ? a : b; }
+__device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+// Codes are 0 where scale == 0 or scale/zero is not finite (NaN/inf input), like the reference.
+__device__ __forceinline__ bool codes_ok(float s, float z) { return s != 0.f && isfinite(s) && isfinite(z); }
+
 template <int BITS>
 __device__ __forceinline__ uint32_t quantize_code(float v, float z, float s) {
   constexpr float QMAX = float((1 << BITS) - 1);
@@ -106,8 +112,8 @@ __global__ void quantize_group_kernel(const T* __restrict__ x, int32_t* __restri
 #pragma unroll
   for (int j = 0; j < G; ++j) {
     if (j < valid) {
-      mn = fminf(mn, v[j]);
-      mx = fmaxf(mx, v[j]);
+      mn = min_nan(mn, v[j]);
+      mx = max_nan(mx, v[j]);
     }
   }
   float z, s;
@@ -119,7 +125,7 @@ __global__ void quantize_group_kernel(const T* __restrict__ x, int32_t* __restri
 #pragma unroll
     for (int k = 0; k < CPW; ++k) {
       const int j = w * CPW + k;
-      const uint32_t q = (j < valid && s != 0.f) ? quantize_code<BITS>(v[j], z, s) : 0u;
+      const uint32_t q = (j < valid && codes_ok(s, z)) ? quantize_code<BITS>(v[j], z, s) : 0u;
       word |= q << (BITS * k);
     }
     cp[w * cv.st] = static_cast<int32_t>(word);
@@ -150,8 +156,8 @@ __global__ void quantize_kernel(const T* __restrict__ x, int32_t* __restrict__ c
         const int64_t t = tg + j;
         if (t < xv.L) {
           const float v = static_cast<float>(xp[t * xv.st]);
-          mn = fminf(mn, v);
-          mx = fmaxf(mx, v);
+          mn = min_nan(mn, v);
+          mx = max_nan(mx, v);
         }
       }
       store_scale_zero(scale, zero, r * sv.sr + (tg / G) * sv.st + c * sv.sc, mn, mx, float((1 << BITS) - 1),
@@ -159,7 +165,8 @@ __global__ void quantize_kernel(const T* __restrict__ x, int32_t* __restrict__ c
     }
     for (int j = 0; j < G; ++j) {
       const int64_t t = tg + j;
-      const uint32_t q = (t < xv.L && s != 0.f) ? quantize_code<BITS>(static_cast<float>(xp[t * xv.st]), z, s) : 0u;
+      const uint32_t q =
+          (t < xv.L && codes_ok(s, z)) ? quantize_code<BITS>(static_cast<float>(xp[t * xv.st]), z, s) : 0u;
       const int k = (g0 + j) % CPW;
       word |= q << (BITS * k);
       if (k == CPW - 1) {
@@ -189,7 +196,10 @@ __global__ void dequantize_kernel(const int32_t* __restrict__ codes, const __hal
     if (t >= ov.L) break;
     const int64_t so = r * sv.sr + (t / G) * sv.st + c * sv.sc;
     const float q = static_cast<float>((word >> (BITS * k)) & QMAX);
-    const float v = __fadd_rn(__fmul_rn(q, __half2float(scale[so])), __half2float(zero[so]));
+    float v = __fadd_rn(__fmul_rn(q, __half2float(scale[so])), __half2float(zero[so]));
+    if constexpr (std::is_same_v<T, at::Half>) {  // saturate like the reference (NaN stays NaN)
+      v = v > 65504.f ? 65504.f : (v < -65504.f ? -65504.f : v);
+    }
     op[t * ov.st] = static_cast<T>(v);
   }
 }
@@ -203,12 +213,13 @@ __global__ void quantize_fp8_kernel(const T* __restrict__ x, __nv_fp8_e4m3* __re
   if (row >= M) return;
   const T* xp = x + row * D;
   float amax = 0.f;
-  for (int64_t j = lane; j < D; j += 32) amax = fmaxf(amax, fabsf(static_cast<float>(xp[j])));
+  for (int64_t j = lane; j < D; j += 32) amax = max_nan(amax, fabsf(static_cast<float>(xp[j])));
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  for (int off = 16; off > 0; off /= 2) amax = max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   const float s = amax / kFp8Max;
   for (int64_t j = lane; j < D; j += 32) {
-    float y = s == 0.f ? 0.f : fminf(fmaxf(static_cast<float>(xp[j]) / s, -kFp8Max), kFp8Max);
+    // NaN/inf scale (a row holding NaN/inf): codes 0, the row dequantizes to NaN, like the reference
+    float y = (s == 0.f || !isfinite(s)) ? 0.f : fminf(fmaxf(static_cast<float>(xp[j]) / s, -kFp8Max), kFp8Max);
     codes[row * D + j] = __nv_fp8_e4m3(y);
   }
   if (lane == 0) scale[row] = s;

@@ -105,7 +105,8 @@ __global__ void __launch_bounds__(kThreads) tome_match_kernel(const T* __restric
       int64_t vi = INT64_MAX;
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const float s = col_ok[c] ? acc[i][c] * inv_a[i] * inv_b[c] : -INFINITY;
+        const float raw = acc[i][c] * inv_a[i] * inv_b[c];
+        const float s = (col_ok[c] && raw == raw) ? raw : -INFINITY;  // a NaN score never wins
         better(v, vi, s, j0 + tx + 16 * c);
       }
       // reduce over the 16 threads (tx) that share this row: lanes of one half-warp

@@ -98,8 +98,13 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- definition
-def define(name: str, schema: str, fake: Callable) -> Callable:
+def define(name: str, schema: str, fake: Callable, *, differentiable: bool = False) -> Callable:
     """Define ``tokops::<name><schema>``; the schema's last argument must be ``str backend``.
+
+    ``differentiable=False`` registers an autograd kernel whose backward raises: asking for a
+    gradient through the op fails with a clear error on every backend (instead of a silent ``None``
+    on the compiled backends and a gradient on the torch one).  An op with ``differentiable=True``
+    must register its own autograd (``torch.library.register_autograd``).
 
     Returns the op (``torch.ops.tokops.<name>``).
     """
@@ -111,12 +116,47 @@ def define(name: str, schema: str, fake: Callable) -> Callable:
 
     def kernel(*args):
         *rest, backend = args
+        if backend == "triton" and triton_interpreter():
+            _refuse_interpreter_bf16(name, rest)
         return _load(name, backend)(*rest)
 
     kernel.__name__ = f"{name}_kernel"
     _LIB.impl(name, kernel, "CPU")
     _LIB.impl(name, kernel, "CUDA")
+    if not differentiable:
+        _register_not_differentiable(name)
     return getattr(torch.ops.tokops, name)
+
+
+def _refuse_interpreter_bf16(name: str, args) -> None:
+    """The Triton interpreter (``TRITON_INTERPRET=1``) has no bf16 arithmetic: its results are garbage
+    (errors up to 1e9), so a bf16 tensor (or a bf16 output dtype) on the Triton backend there is an
+    error rather than a wrong answer."""
+    for i, a in enumerate(args):
+        if (isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16) or a is torch.bfloat16:
+            what = "a bf16 tensor" if isinstance(a, torch.Tensor) else "bf16 as the output dtype"
+            raise TypeError(
+                f"tokops::{name}: backend='triton' under the Triton interpreter (TRITON_INTERPRET=1) cannot "
+                f"compute bf16 (the interpreter has no bf16 arithmetic), got {what} (argument {i}); use "
+                f"backend='torch' on the CPU, or fp16/fp32")
+
+
+class NotDifferentiableError(NotImplementedError):
+    """A gradient was asked for through a tokops op that has no backward (or no double backward)."""
+
+
+def _register_not_differentiable(name: str) -> None:
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        hint = (" (this op is the backward of block_sparse_attn_fwd: double backward is not implemented)"
+                if name.endswith("_bwd") else "")
+        raise NotDifferentiableError(
+            f"tokops::{name} is not differentiable{hint}; detach its inputs (or compute the gradient "
+            f"with a differentiable reference) -- no backend computes a gradient through it")
+
+    torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=_LIB)
 
 
 def implements(name: str, backend: str, fn: Callable | str | None = None):

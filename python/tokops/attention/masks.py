@@ -137,13 +137,25 @@ def dense_to_csr(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def csr_to_dense(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``(kv_num_blocks, kv_indices)`` -> boolean ``(..., nQ, nK)``; entries past ``num`` are ignored."""
+    """``(kv_num_blocks, kv_indices)`` -> boolean ``(..., nQ, nK)``; entries past ``num`` are ignored.
+
+    Never reads out of bounds and never raises on bad values: a count outside ``[0, nK]`` is clamped,
+    an index outside ``[0, nK)`` is ignored and a repeated index counts once (the set semantics that
+    every backend follows for a mask whose values were not validated, see :func:`canonical_csr`)."""
     nk = idx.shape[-1]
     pos = torch.arange(nk, device=idx.device) < num.unsqueeze(-1)
-    col = torch.where(pos, idx.long(), nk)
+    il = idx.long()
+    col = torch.where(pos & (il >= 0) & (il < nk), il, nk)
     dense = torch.zeros(*idx.shape[:-1], nk + 1, dtype=torch.bool, device=idx.device)
     dense.scatter_(-1, col, torch.ones_like(col, dtype=torch.bool))
     return dense[..., :nk]
+
+
+def canonical_csr(num: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The canonical CSR of the *set* of valid blocks of ``(num, idx)``: counts in ``[0, nK]``, indices
+    in range, distinct and ascending.  Plain torch on device (no host sync, traces under
+    ``torch.compile``); the attention wrappers apply it when the mask values were not validated."""
+    return dense_to_csr(csr_to_dense(num, idx))
 
 
 def transpose_csr(num: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

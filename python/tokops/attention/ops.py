@@ -15,7 +15,7 @@ import torch
 from .. import _registry as reg
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, dense, last_dim_dense
 from . import reference as ref
-from .masks import BlockMask, as_block_mask, full_block_mask, transpose_csr, validate_mask
+from .masks import BlockMask, as_block_mask, canonical_csr, full_block_mask, transpose_csr, validate_mask
 
 MAX_HEAD_DIM = 256
 
@@ -65,8 +65,19 @@ def _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mas
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     mask = as_block_mask(mask, Nq, Nk, block_q, block_k, q.device)
-    validate_mask(mask, B, H, Nq, Nk, q.device, read_values=check_mask and not torch.compiler.is_compiling())
-    return q, k, v, key_bias, mask, scale
+    if not isinstance(check_mask, bool):
+        raise TypeError(f"check_mask must be a bool, got {type(check_mask).__name__}")
+    # meta tensors (shape propagation) have no values to check: the op's fake kernel runs
+    read_values = check_mask and not torch.compiler.is_compiling() and q.device.type != "meta"
+    validate_mask(mask, B, H, Nq, Nk, q.device, read_values=read_values)
+    if not read_values:
+        # Values not validated (torch.compile, check_mask=False): make the CSR canonical on device (no
+        # host sync): counts clamped to [0, nK], out-of-range indices dropped, a repeated block counted
+        # once -- the set semantics of the torch backend.  The kernels bound-check too (never read out
+        # of range), but they assume distinct indices.
+        num, idx = canonical_csr(mask.kv_num_blocks, mask.kv_indices)
+        mask = mask._replace(kv_num_blocks=num, kv_indices=idx)
+    return q, k, v, _finite_key_bias(key_bias), mask, scale
 
 
 def _kernel_inputs(be: str, q, k, v):
@@ -75,6 +86,19 @@ def _kernel_inputs(be: str, q, k, v):
     if be == "cuda":
         return dense(q), dense(k), dense(v)
     return q, k, v
+
+
+# A key bias of +inf means "this key takes all the weight of every row that sees it" (the limit of a
+# growing bias; several +inf keys of one row share it evenly).  exp(inf - inf) would make the row NaN,
+# so the wrappers replace +inf by this finite bias, identically for every backend: far above any
+# realistic logit, yet small enough that the fp32 LSE round trip of the backward stays accurate.
+POS_INF_BIAS = 1.0e4
+
+
+def _finite_key_bias(key_bias):
+    if key_bias is None:
+        return None
+    return torch.where(key_bias == float("inf"), torch.full_like(key_bias, POS_INF_BIAS), key_bias)
 
 
 # --------------------------------------------------------------------------- op definitions
@@ -96,7 +120,7 @@ def _mass_fake(q, k, lse, q_num_blocks, q_indices, block_q, block_k, causal, sca
 _fwd_op = reg.define(
     "block_sparse_attn_fwd",
     "(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, int block_q, int block_k, "
-    "bool causal, float scale, Tensor? key_bias, str backend) -> (Tensor, Tensor)", _fwd_fake)
+    "bool causal, float scale, Tensor? key_bias, str backend) -> (Tensor, Tensor)", _fwd_fake, differentiable=True)
 _bwd_op = reg.define(
     "block_sparse_attn_bwd",
     "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor kv_num_blocks, "
@@ -222,10 +246,15 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     ``None`` for all blocks.  Logits ``scale * q.k + key_bias[j]`` (``scale`` default ``D**-0.5``,
     ``key_bias`` fp32 ``(B, Nk)`` or ``(B, H, Nk)``, e.g. ToMe's ``log(size)``) are softmaxed over the
     keys of the allowed blocks only, plus ``j <= i + Nk - Nq`` when ``causal``.  A row with no allowed
-    key gives 0 (and ``lse = -inf``), never NaN.
+    key gives 0 (and ``lse = -inf``), never NaN.  A ``-inf`` bias removes a key; a ``+inf`` bias gives
+    the key all the weight of every row that sees it (shared evenly among a row's ``+inf`` keys;
+    implemented as a bias of ``POS_INF_BIAS = 1e4``, so the ``lse`` of such a row is finite).
 
     ``check_mask`` validates the mask *values* (indices in range, no repeats; one host sync per call,
-    skipped under ``torch.compile``); pass ``False`` for a mask you built and checked once.
+    skipped under ``torch.compile``); pass ``False`` for a mask you built and checked once.  A mask
+    whose values were not validated is never read out of bounds: it is taken as the *set* of its
+    valid entries (counts clamped to ``[0, nK]``, out-of-range indices ignored, a repeated block
+    counted once), identically on every backend.
 
     Returns ``out (B, H, Nq, D)`` in the input dtype, and ``lse (B, H, Nq)`` fp32 (natural log) with
     ``return_lse``.  Differentiable in ``q``, ``k``, ``v`` and ``key_bias`` (and through ``lse``).

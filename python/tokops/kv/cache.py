@@ -232,17 +232,44 @@ class QuantizedKVCache:
                 raise ValueError(f"k must be on the cache's device {self._device}, got {k.device}")
         if important is not None:
             check_tensor("important", important, dtypes=(torch.bool,), ndim=1, nonempty=False, contiguous=False)
+            cache_dev = self._device if self.initialized else k.device
+            if important.device not in (cache_dev, torch.device("cpu")):
+                raise ValueError(f"important must be on the cache's device ({cache_dev}) or the CPU, "
+                                 f"got {important.device}")
             if important.shape[0] != k.shape[2]:
                 raise ValueError(f"important must have shape ({k.shape[2]},) (one flag per new token), "
                                  f"got {tuple(important.shape)}")
             if self.budget is not None:
                 raise ValueError("important (pinned tokens) cannot be combined with budget (H2O eviction)")
 
+    # ------------------------------------------------------------------ all-or-nothing updates
+    def _snapshot(self) -> dict:
+        """The cache's state (attributes and the store's dict; tensors by reference).  Every method
+        that changes the cache writes in place only past the valid tokens until its last, infallible
+        step, so restoring this snapshot after an error leaves the cache exactly as it was."""
+        snap = dict(self.__dict__)
+        if "_store" in snap:
+            snap["_store"] = dict(snap["_store"])
+        return snap
+
+    def _restore(self, snap: dict) -> None:
+        self.__dict__.clear()
+        self.__dict__.update(snap)
+
     def append(self, k: torch.Tensor, v: torch.Tensor, important: torch.Tensor | None = None) -> None:
         """Append ``n`` new tokens ``k, v: (B, H_kv, n, D)``; ``important: (n,) bool`` pins tokens in
         full precision (mixed precision).  Whole groups leave the residual window as described in the
-        module docstring."""
+        module docstring.  All-or-nothing: when it raises (bad argument, allocation failure, a value
+        the quantizer refuses), the cache is unchanged."""
         self._check_append(k, v, important)
+        snap = self._snapshot()
+        try:
+            self._append(k, v, important)
+        except BaseException:
+            self._restore(snap)
+            raise
+
+    def _append(self, k, v, important) -> None:
         if not self.initialized:
             self._init(k)
         n = k.shape[2]
@@ -301,16 +328,21 @@ class QuantizedKVCache:
         """Quantize ``nf`` (a multiple of G) tokens and write them after the quantized store."""
         nf = kf.shape[2]
         n0 = self.n_quant
+        # quantize both tensors before writing anything (a refused value leaves the store untouched)
+        if self.mode == "fp8":
+            fts = [(p, quantize_fp8(x.contiguous(), backend=self.backend)) for p, x in (("k", kf), ("v", vf))]
+        else:
+            qts = [(p, quantize(x.contiguous(), bits, self.group_size, ax, backend=self.backend))
+                   for p, x, bits, ax in (("k", kf, self.bits_k, self.key_axis),
+                                          ("v", vf, self.bits_v, self.value_axis))]
         self._grow(n0 + nf)
         st = self._store
         if self.mode == "fp8":
-            for p, x in (("k", kf), ("v", vf)):
-                ft = quantize_fp8(x.contiguous(), backend=self.backend)
+            for p, ft in fts:
                 st[p + "_codes"][:, :, n0:n0 + nf] = ft.codes.view(torch.uint8)
                 st[p + "_scale"][:, :, n0:n0 + nf] = ft.scale
         else:
-            for p, x, bits, ax in (("k", kf, self.bits_k, self.key_axis), ("v", vf, self.bits_v, self.value_axis)):
-                qt = quantize(x.contiguous(), bits, self.group_size, ax, backend=self.backend)
+            for p, qt in qts:
                 for name, t in (("_codes", qt.codes), ("_scale", qt.scale), ("_zero", qt.zero)):
                     off = int(n0 * self._units_per_token(p + name))
                     st[p + name][:, :, off:off + t.shape[2]] = t
@@ -329,6 +361,11 @@ class QuantizedKVCache:
         if mass.shape[0] != B or mass.shape[2] != len(self) or mass.shape[1] % Hk:
             raise ValueError(f"mass must have shape ({B}, H, {len(self)}) with H a multiple of {Hk}, "
                              f"got {tuple(mass.shape)}")
+        if mass.device != self._device:
+            raise ValueError(f"mass must be on the cache's device {self._device}, got {mass.device}")
+        # a NaN / inf score would make the eviction order arbitrary: refuse it (one host sync)
+        if not bool(torch.isfinite(mass).all()):
+            raise ValueError("mass must be finite (an attention mass); got NaN or inf values")
         m = mass.reshape(B, Hk, mass.shape[1] // Hk, -1).sum(2)  # reshape: mass may be a strided view
         self._q_score[..., : self.n_quant] += m[..., : self.n_quant]
         self._r_score[..., : self.n_res] += m[..., self.n_quant:]
@@ -340,12 +377,18 @@ class QuantizedKVCache:
         n = self.n_quant
         idx = self._q_score[..., :n].topk(keep_n, dim=-1).indices.sort(-1).values  # (B, H, keep_n)
         st = self._store
+        # gather everything first, then write (in place, over the valid tokens) only when nothing can fail
+        new = {}
         for name, t in st.items():
             used = t[:, :, :n]
             gi = idx.view(*idx.shape, *([1] * (used.dim() - 3))).expand(*idx.shape, *used.shape[3:])
-            t[:, :, :keep_n] = used.gather(2, gi)
-        self._q_pos[..., :keep_n] = self._q_pos[..., :n].gather(2, idx)
-        self._q_score[..., :keep_n] = self._q_score[..., :n].gather(2, idx)
+            new[name] = used.gather(2, gi)
+        pos = self._q_pos[..., :n].gather(2, idx)
+        score = self._q_score[..., :n].gather(2, idx)
+        for name, t in st.items():
+            t[:, :, :keep_n] = new[name]
+        self._q_pos[..., :keep_n] = pos
+        self._q_score[..., :keep_n] = score
         self.n_evicted += n - keep_n
         self.n_quant = keep_n
 
@@ -355,11 +398,20 @@ class QuantizedKVCache:
         if not self.initialized:
             return
         check_tensor("index", index, dtypes=(torch.int64, torch.int32), ndim=1, contiguous=False)
+        if index.device.type == "meta":
+            raise ValueError("index must be a real tensor on the cache's device or the CPU, got a meta tensor")
         index = index.to(self._device)
-        for name in list(self._store):
-            self._store[name] = self._store[name].index_select(0, index)
-        for attr in ("_q_pos", "_q_score", "_k_res", "_v_res", "_r_score"):
-            setattr(self, attr, getattr(self, attr).index_select(0, index))
+        B = self._shape[0]
+        lo, hi = (int(x) for x in torch.stack([index.min(), index.max()]).tolist())
+        if lo < 0 or hi >= B:
+            raise ValueError(f"index must hold batch rows in [0, {B}), got values in [{lo}, {hi}]")
+        # build every new tensor first, then swap them in (all-or-nothing)
+        store = {name: t.index_select(0, index) for name, t in self._store.items()}
+        attrs = {a: getattr(self, a).index_select(0, index) for a in ("_q_pos", "_q_score", "_k_res", "_v_res",
+                                                                       "_r_score")}
+        self._store = store
+        for a, t in attrs.items():
+            setattr(self, a, t)
         self._shape = (index.numel(), *self._shape[1:])
 
     # ------------------------------------------------------------------ views for the kernels

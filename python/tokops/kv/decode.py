@@ -55,7 +55,9 @@ def dequantize_store(codes, scale, zero, mode: str, bits: int, group_size: int, 
     else:
         c, s, z = codes[:, :, :n], scale[:, :, :n], zero[:, :, :n]
         length = D
-    x = ref.dequantize(c.contiguous(), s.contiguous(), z.contiguous(), bits, group_size, axis, length, torch.float32)
+    # fp16 straight from the reference (it saturates at the fp16 range instead of rounding to inf)
+    wide = torch.float16 if dtype == torch.float16 else torch.float32
+    x = ref.dequantize(c.contiguous(), s.contiguous(), z.contiguous(), bits, group_size, axis, length, wide)
     return x.to(dtype)
 
 

@@ -31,6 +31,28 @@ from .decode import MAX_NQ, decode_attention
 ATTN_IMPLEMENTATION = "tokops_kv"
 
 
+class _FusedMarker(torch.Tensor):
+    """What a ``fused=True`` layer returns from ``update`` instead of K/V: the ``tokops_kv`` attention
+    reads the packed cache through ``marker._tokops_layer``; any other attention implementation would
+    attend over nothing, so every tensor operation on the marker raises a clear error instead."""
+
+    _ALLOWED = {"shape", "dtype", "device", "ndim", "dim", "size", "is_cuda", "__get__", "requires_grad",
+                "is_floating_point"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        owner = getattr(func, "__self__", None)
+        if name in cls._ALLOWED or getattr(owner, "__name__", None) in cls._ALLOWED:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        raise RuntimeError(
+            "TokopsQuantizedCache(fused=True) only works with attn_implementation='tokops_kv' (the fused "
+            f"decode reads the packed cache itself); this model's attention used the key/value states "
+            f"({name}), which would attend over no keys. Load the model with attn_implementation='tokops_kv' "
+            "(model.set_attn_implementation('tokops_kv')) or use fused=False.")
+
+
 class TokopsQuantizedLayer(DynamicLayer):
     """One layer of :class:`TokopsQuantizedCache` (a ``transformers`` cache layer)."""
 
@@ -53,7 +75,8 @@ class TokopsQuantizedLayer(DynamicLayer):
         self.kv.append(key_states.contiguous(), value_states.contiguous())
         if self.fused and key_states.shape[-2] <= MAX_NQ:
             # the fused attention reads the packed cache itself: hand it a marker instead of K/V
-            marker = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+            marker = torch.Tensor._make_subclass(
+                _FusedMarker, key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1])))
             marker._tokops_layer = self
             return marker, marker
         k, v = self.kv.dequantized(key_states.dtype)
@@ -112,6 +135,13 @@ class TokopsQuantizedCache(Cache):
     def _make_layer(self):
         return TokopsQuantizedLayer(**self._layer_kwargs)
 
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if self.layer_class_to_replicate is None and not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"num_layers: this TokopsQuantizedCache was made with num_layers={len(self.layers)}, but "
+                             f"the model updates layer {layer_idx}; pass num_layers=model.config.num_hidden_layers "
+                             f"(or None to add layers as they come)")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def kv_caches(self) -> list[QuantizedKVCache]:
         return [layer.kv for layer in self.layers]
 
@@ -145,6 +175,16 @@ def tokops_kv_attention_forward(module, query, key, value, attention_mask, dropo
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, tokops_kv_attention_forward)
+def register() -> None:
+    """Register ``"tokops_kv"`` with transformers: the attention function and, so that padded
+    batches get their attention mask (without one transformers passes ``attention_mask=None``), the
+    sdpa-style mask function (idempotent; done on import)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, tokops_kv_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+register()
 
 __all__ = ["TokopsQuantizedCache", "TokopsQuantizedLayer", "tokops_kv_attention_forward", "ATTN_IMPLEMENTATION"]

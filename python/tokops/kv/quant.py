@@ -157,11 +157,34 @@ def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 32, axis: int = -
     Returns a :class:`QuantizedTensor`: ``codes`` int32 with ``32/bits`` codes per word packed
     along the grouped axis (least-significant bits first), ``scale`` and ``zero`` fp16 per group.
     ``|x - dequantize(q)| <= scale/2`` (plus the fp16 rounding of ``zero``).
+
+    Non-finite and huge values (identical on every backend): a group holding NaN or +-inf gets a
+    NaN/inf scale or zero and codes 0, so it dequantizes to NaN -- NaN is never made finite.  A
+    *finite* ``x`` whose group minimum or range does not fit the fp16 ``zero``/``scale``
+    (``|min| >= 65520`` or ``(max - min) / (2**bits - 1) >= 65520``, e.g. fp32/bf16 values beyond
+    ~6.5e4) raises ``ValueError`` instead of silently dequantizing to inf (use :func:`quantize_fp8`,
+    whose scale is fp32, or scale the input).  That check reads one flag on the host (skipped under
+    ``torch.compile``); fp16 inputs can never trigger it.
     """
     x, axis = _check_quantize(x, bits, group_size, axis)
     be = reg.resolve_backend("kv_quantize", backend, x.device)
     codes, scale, zero = _quantize_op(x, bits, group_size, axis, be)
+    check_fp16_range(x, scale, zero, bits)
     return QuantizedTensor(codes, scale, zero, bits, group_size, axis, x.shape[axis], x.dtype)
+
+
+def check_fp16_range(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> None:
+    """Raise ``ValueError`` when a finite ``x`` overflowed the fp16 ``scale``/``zero`` of its groups
+    (one host sync; skipped under ``torch.compile`` and for fp16 ``x``, which cannot overflow)."""
+    if x.dtype == torch.float16 or torch.compiler.is_compiling() or x.device.type == "meta":
+        return
+    overflow = (torch.isinf(scale).any() | torch.isinf(zero).any()) & torch.isfinite(x).all()
+    if bool(overflow):
+        amax = float(x.abs().max())
+        raise ValueError(
+            f"x: values up to |x| = {amax:.4g} overflow the fp16 scale/zero of {bits}-bit group quantization "
+            f"(a group's min must satisfy |min| < 65520 and its (max - min) / {(1 << bits) - 1} < 65520); "
+            f"use fp8 quantization (fp32 scales, mode='fp8' for a QuantizedKVCache) or scale the input down")
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None, *, backend: str = "auto") -> torch.Tensor:

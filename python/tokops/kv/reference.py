@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 FP8_MAX = 448.0
+FP16_MAX = 65504.0  # dequantize saturates fp16 outputs here: q * scale + zero may round just past it
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -59,7 +60,9 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int):
     s = scale.float().unsqueeze(-1)
     xg = torch.nn.functional.pad(xt, (0, pad)).unflatten(-1, (n_groups, group_size))
     q = torch.clamp(torch.round((xg - z) / torch.where(s == 0, torch.ones_like(s), s)), 0, qmax)
-    q = torch.where(s == 0, torch.zeros_like(q), q)
+    # codes are 0 where scale == 0, and where scale or zero is not finite (a group holding NaN/inf:
+    # it dequantizes to NaN through its scale/zero, identically on every backend)
+    q = torch.where((s == 0) | ~torch.isfinite(s) | ~torch.isfinite(z), torch.zeros_like(q), q)
     valid = torch.arange(padded, device=x.device).view(n_groups, group_size) < length
     q = torch.where(valid, q, torch.zeros_like(q)).flatten(-2).to(torch.int64)
     words = _ceil_div(padded * bits, 32)
@@ -87,6 +90,8 @@ def dequantize(codes, scale, zero, bits: int, group_size: int, axis: int, length
     n_groups = s.shape[-1]
     q = q[..., : n_groups * group_size].unflatten(-1, (n_groups, group_size))
     x = (q * s.unsqueeze(-1) + z.unsqueeze(-1)).flatten(-2)[..., :length]
+    if dtype == torch.float16:  # saturate: a finite input never dequantizes to inf (NaN stays NaN)
+        x = torch.where(x > FP16_MAX, FP16_MAX, torch.where(x < -FP16_MAX, -FP16_MAX, x))
     return _to_last(x.to(dtype), axis).contiguous()
 
 
@@ -94,13 +99,15 @@ def quantize_fp8(x: torch.Tensor):
     """fp8 e4m3fn with one fp32 scale per row of the last dim: ``scale = amax / 448``.
 
     Returns ``(codes float8_e4m3fn (..., D), scale fp32 (...))``; an all-zero row has scale 0, codes 0.
+    A row holding NaN/inf gets a NaN/inf scale and codes 0 (it dequantizes to NaN on every backend).
     """
     xf = x.float()
     amax = xf.abs().amax(-1)
     scale = amax / FP8_MAX
     safe = torch.where(scale == 0, torch.ones_like(scale), scale).unsqueeze(-1)
     codes = torch.clamp(xf / safe, -FP8_MAX, FP8_MAX)
-    codes = torch.where(scale.unsqueeze(-1) == 0, torch.zeros_like(codes), codes)
+    bad = (scale == 0) | ~torch.isfinite(scale)
+    codes = torch.where(bad.unsqueeze(-1), torch.zeros_like(codes), codes)
     return codes.to(torch.float8_e4m3fn), scale
 
 

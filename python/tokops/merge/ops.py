@@ -140,8 +140,9 @@ _match_op = reg.define(
     _match_fake)
 _segment_reduce_op = reg.define(
     "tome_segment_reduce", "(Tensor x, Tensor slot, Tensor order, Tensor offsets, str mode, str backend) -> Tensor",
-    _segment_reduce_fake)
-_gather_op = reg.define("token_gather", "(Tensor x, Tensor idx, float fill, str backend) -> Tensor", _gather_fake)
+    _segment_reduce_fake, differentiable=True)
+_gather_op = reg.define("token_gather", "(Tensor x, Tensor idx, float fill, str backend) -> Tensor", _gather_fake,
+                        differentiable=True)
 _energy_op = reg.define("pitome_energy", "(Tensor metric, float margin, float alpha, bool elu, str backend) -> Tensor",
                         _energy_fake)
 
@@ -248,6 +249,31 @@ def _tome_layout(edge, node_idx, r_rows, N: int, class_token: bool, distill_toke
     return torch.where(r_b == 0, ident, slot), is_src
 
 
+def _edge_order(node_max: torch.Tensor, class_token: bool) -> torch.Tensor:
+    """``argsort(node_max, descending, stable)`` with the class token (A index 0) strictly last, even
+    when other rows tie with it at ``-inf`` (rows without a finite score)."""
+    edge = torch.argsort(node_max, dim=-1, descending=True, stable=True)
+    if class_token:
+        edge = edge.gather(1, torch.argsort((edge == 0).to(torch.int8), dim=-1, stable=True))
+    return edge
+
+
+_HUGE, _TINY = 2.0 ** 50, 2.0 ** -50
+
+
+def _scaled_metric(metric: torch.Tensor) -> torch.Tensor:
+    """Rows whose magnitude would overflow / underflow the fp32 norm (``max|x| > 2**50`` or
+    ``< 2**-50``) scaled by a power of two (exact; cosine similarity is scale invariant); other rows
+    untouched (the same bits).  No host sync."""
+    if metric.dtype == torch.float16:  # |x| <= 65504 and >= 2**-24: never out of range
+        return metric
+    amax = metric.detach().abs().amax(-1, keepdim=True).float()
+    need = ((amax > _HUGE) | (amax < _TINY)) & (amax > 0) & torch.isfinite(amax)
+    e = torch.where(need, torch.frexp(amax).exponent, 0).to(torch.float32)  # 0: factor 1, bits unchanged
+    h = torch.trunc(e / 2)  # two power-of-two factors, each representable in fp32 / bf16
+    return (metric * torch.exp2(-h).to(metric.dtype) * torch.exp2(h - e).to(metric.dtype)).contiguous()
+
+
 def _finish(slot, n_out, N, r, class_token, distill_token, unm=None, src=None, dst=None, valid=None, r_rows=None):
     order, offsets = _csr(slot, n_out)
     return Matching(slot, order, offsets, n_out, N, r, class_token, distill_token, unm, src, dst, valid, r_rows)
@@ -267,8 +293,17 @@ def bipartite_soft_matching(metric: torch.Tensor, r, class_token: bool = False, 
     class_token + distill_token``.  A tokens are the even positions, B tokens the odd ones;
     ``node_max, node_idx = max_j cos(a_i, b_j)`` come from the fused ``tokops::tome_match`` kernel
     (running max over tiles of B tokens; the score matrix is never stored; fp32 scores; ties go to
-    the lowest B index).  ``argsort(node_max)`` is stable.  ``class_token``: token 0 never merges;
-    ``distill_token`` (needs ``class_token``): token 1 never receives.
+    the lowest B index).  ``argsort(node_max)`` is stable.  ``class_token``: token 0 never merges
+    (it sorts strictly last, whatever the ties); ``distill_token`` (needs ``class_token``): token 1
+    never receives.
+
+    Non-finite metrics (identical on every backend): a NaN score -- a token with a NaN/inf component
+    or a zero norm on either side -- never wins a max (it counts as ``-inf``); an A token without any
+    finite score has ``node_max = -inf`` and sorts after every A token with one (stable by index),
+    before the protected class token.  Without ``valid`` such a token still merges (into B token 0)
+    once ``r`` exceeds the tokens with a finite score; with ``valid`` it never merges.  Rows of huge
+    or tiny magnitude are rescaled by a power of two first (exact), so they match like their
+    normal-range copies.
 
     ``valid: (B, N) bool`` (padded batches): padding tokens are never sources or destinations; each
     row merges ``r_b`` of its own valid tokens; the output row holds the surviving valid tokens in
@@ -288,8 +323,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r, class_token: bool = False, 
         if r_int <= 0:
             return _identity(B, N, metric.device, class_token, distill_token)
         with torch.no_grad():
-            node_max, node_idx = _match_op(metric.detach(), None, class_token, distill_token, be)
-            edge = torch.argsort(node_max, dim=-1, descending=True, stable=True)
+            node_max, node_idx = _match_op(_scaled_metric(metric.detach()), None, class_token, distill_token, be)
+            edge = _edge_order(node_max, class_token)
             src_idx = edge[:, :r_int]
             unm_idx = edge[:, r_int:]
             if class_token:
@@ -299,13 +334,16 @@ def bipartite_soft_matching(metric: torch.Tensor, r, class_token: bool = False, 
             slot, _ = _tome_layout(edge, node_idx, r_rows, N, class_token, distill_token)
         return _finish(slot, N - r_int, N, r_int, class_token, distill_token, unm_idx, src_idx, dst_idx)
 
+    if metric.device.type == "meta":
+        raise ValueError("valid: the padded path (valid=...) reads per-row token counts on the host and cannot "
+                         "run on meta tensors; got metric and valid on the meta device")
     with torch.no_grad():
-        node_max, node_idx = _match_op(metric.detach(), valid, class_token, distill_token, be)
+        node_max, node_idx = _match_op(_scaled_metric(metric.detach()), valid, class_token, distill_token, be)
         n_valid = valid.sum(1)
         r_rows = _rows_r(r, n_valid, protected)
         # never more sources than valid A tokens that have a valid destination (finite node_max)
         r_rows = torch.minimum(r_rows, torch.isfinite(node_max).sum(1))
-        edge = torch.argsort(node_max, dim=-1, descending=True, stable=True)
+        edge = _edge_order(node_max, class_token)
         slot, is_src = _tome_layout(edge, node_idx, r_rows, N, class_token, distill_token)
         # compact: surviving valid tokens first (in layout order), padding dropped
         survivor = valid.clone()
@@ -552,8 +590,15 @@ def scatter_back(x_kept: torch.Tensor, kept_idx: torch.Tensor, N: int, fill=None
     check_same_device(x_kept=x_kept, kept_idx=kept_idx)
     check_int("N", N, min_value=x_kept.shape[1])
     B, K, C = x_kept.shape
-    slot = torch.full((B, N), -1, dtype=torch.int64, device=x_kept.device)
-    slot.scatter_(1, kept_idx, torch.arange(K, device=x_kept.device).expand(B, K))
+    if not torch.compiler.is_compiling() and kept_idx.device.type != "meta" and kept_idx.numel():
+        lo, hi = (int(t) for t in torch.stack([kept_idx.min(), kept_idx.max()]).tolist())  # one host sync
+        if lo < 0 or hi >= N:
+            raise ValueError(f"kept_idx must hold token indices in [0, N={N}), got values in [{lo}, {hi}]")
+    # out-of-range indices (only possible unchecked, under torch.compile) go to a dropped extra column
+    idx = torch.where((kept_idx >= 0) & (kept_idx < N), kept_idx, N)
+    slot = torch.full((B, N + 1), -1, dtype=torch.int64, device=x_kept.device)
+    slot.scatter_(1, idx, torch.arange(K, device=x_kept.device).expand(B, K))
+    slot = slot[:, :N].contiguous()
     be = reg.resolve_backend("token_gather", backend, x_kept.device)
     if fill is None or (isinstance(fill, (int, float)) and not isinstance(fill, bool)):
         return _gather_op(x_kept, slot, float(fill or 0.0), be)

@@ -272,6 +272,7 @@ def tome_match_torch(metric, valid, class_token: bool, distill_token: bool):
     step = _chunk_rows(nA, B * nB)
     for i in range(0, nA, step):
         s = a[:, i:i + step] @ b.transpose(-1, -2)
+        s = s.masked_fill(torch.isnan(s), -math.inf)  # a NaN score never wins (same on every backend)
         s = s.masked_fill(~col_ok[:, None, :] | ~row_ok[:, i:i + step, None], -math.inf)
         mx, ix = s.max(dim=-1)
         node_max[:, i:i + step] = mx

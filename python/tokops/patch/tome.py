@@ -100,6 +100,7 @@ def parse_r(num_layers: int, r) -> list:
         for i, v in enumerate(r):
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"r[{i}] must be an int or a float fraction, got {type(v).__name__} ({v!r})")
+            _check_r_entry(f"r[{i}]", v)
         return list(r) + [0] * (num_layers - len(r))
     if isinstance(r, tuple):
         if len(r) != 2:
@@ -113,7 +114,21 @@ def parse_r(num_layers: int, r) -> list:
         hi = 2 * base - lo
         step = (hi - lo) / (num_layers - 1) if num_layers > 1 else 0.0
         return [int(lo + step * i) for i in range(num_layers)]
+    _check_r_entry("r", r)
     return [r] * num_layers
+
+
+def _check_r_entry(name: str, v) -> None:
+    """One layer's r: an int >= 0 or a float fraction in [0, 1] (checked when patching and whenever
+    ``model.r`` is read, not at the first merge)."""
+    from ..merge.ops import _check_r
+
+    try:
+        _check_r(v)
+    except (TypeError, ValueError) as e:
+        if name == "r":
+            raise
+        raise type(e)(f"{name}: {e}") from None
 
 
 def _start_forward(state: ToMeState) -> None:
@@ -391,6 +406,10 @@ def tome(model: torch.nn.Module, r: int | float | list | tuple = 8, *, class_tok
     unmerge_output = default_unmerge_output(kind) if unmerge_output is None else unmerge_output
     if not isinstance(unmerge_output, bool):
         raise TypeError(f"unmerge_output must be a bool or None, got {type(unmerge_output).__name__}")
+    from .._registry import BACKENDS
+
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if hasattr(target, "_tome_original_forward"):
         unpatch_tome(model)
     target._tome_state = ToMeState(r=r, class_token=class_token, distill_token=distill_token, prop_attn=prop_attn,
