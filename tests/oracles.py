@@ -129,8 +129,8 @@ def sdpa_attention(q, k, v, allowed, scale, key_bias=None, dtype=torch.float64):
     safe = fmask.masked_fill(empty[..., None], 0.0)  # SDPA gives NaN on all -inf rows
     out = torch.nn.functional.scaled_dot_product_attention(q.to(dtype), kk, vv, attn_mask=safe, scale=scale)
     out = out.masked_fill(empty[..., None], 0.0)
-    logits = (q.to(dtype) @ kk.transpose(-1, -2)) * scale + fmask
-    lse = torch.logsumexp(logits, -1)
+    logits = (q.to(dtype) @ kk.transpose(-1, -2)) * scale + safe
+    lse = torch.logsumexp(logits, -1).masked_fill(empty, float("-inf"))  # finite gradients on empty rows
     return out, lse
 
 
