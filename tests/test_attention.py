@@ -265,6 +265,12 @@ def test_causal_off_by_one_gradients_and_mass_match_sdpa(backend_device, case):
         rloss = (o * gout.to(dt)).sum() + (torch.where(l.isinf(), 0, l) * glse.to(dt)).sum()
         return torch.autograd.grad(rloss, rl)
 
+    o64, l64 = sdpa_attention(*[t.detach().cpu() for t in (q, k, v)], allowed, D ** -0.5,
+                              bias.detach().cpu() if bias is not None else None)
+    o32, _ = sdpa_attention(*[t.detach().cpu() for t in (q, k, v)], allowed, D ** -0.5,
+                            bias.detach().cpu() if bias is not None else None, dtype=torch.float32)
+    _check_close(out2.detach(), o64, o32, FLOORS[torch.float32])
+    _check_close(out.detach(), o64, o32, FLOORS[torch.float32])
     exp, base = run(torch.float64), run(torch.float32)
     for name, got, e, b in zip(("dq", "dk", "dv", "dbias"), grads, exp, base):
         assert got.shape == e.shape and not got.isnan().any(), name
