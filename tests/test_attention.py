@@ -14,6 +14,8 @@ from tokops.attention import (BlockMask, attention_with_key_mass, block_sparse_a
 from tokops.attention import reference as ref
 from tokops.attention.masks import causal_token_mask
 
+from oracles import dense_token_mask, sdpa_attention
+
 
 def _skip_interp_bf16(backend, device, dtype):
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
@@ -50,6 +52,9 @@ def _check_close(got, exp64, base, floor):
     assert err <= 2 * base_err + floor, (err, base_err)
 
 
+# Absolute floors added to the 2x rule, for cases where torch in the same dtype happens to be (nearly)
+# exact: outputs are convex combinations of v (|v| < 5), so these are ~16 fp32 ulps, ~1 fp16 ulp and
+# ~1 bf16 ulp at magnitude 1-2 (the output's rounding to the dtype alone costs half an ulp).
 FLOORS = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 FWD_CASES = [
@@ -67,6 +72,9 @@ FWD_CASES = [
 @pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_forward_matches_reference(backend_device, case, dtype):
     backend, device = backend_device
+    if backend == "torch":
+        pytest.skip("the torch forward is reference.attention itself: checked against SDPA "
+                    "(test_forward_matches_sdpa_oracle)")
     _skip_interp_bf16(backend, device, dtype)
     B, H, Hkv, Nq, Nk, D, bq, bk, causal, bias_dim = case
     q, k, v, bias = _inputs(B, H, Hkv, Nq, Nk, D, dtype, device, seed=Nq + Nk, bias_dim=bias_dim)
@@ -176,6 +184,114 @@ def test_gradients_low_precision(backend_device, dtype):
     base = run(dtype)
     for name, got, e, b in zip(("dq", "dk", "dv", "dbias"), grads, exp, base):
         _check_close(got, e, b, 2e-2 if dtype == torch.bfloat16 else 3e-3)
+
+
+# --------------------------------------------------------------------------- second oracle: SDPA with a float mask
+# The torch backend of the forward *is* ``reference.attention``; these tests check every backend (torch
+# included) against ``torch.nn.functional.scaled_dot_product_attention`` with a float mask built in
+# tests/oracles.py from the dense block mask (key_bias where allowed, -inf elsewhere), GQA by repeating
+# the kv heads -- code that shares nothing with tokops.
+#
+# Off-by-one lengths for the causal tile bounds: the kernels skip key tiles that start after the last key
+# any row of the query tile may see (``BM - 1 + Nk - Nq``) and, in the key-major passes, query tiles
+# that end before the first query that sees the key tile.  ``Nk - Nq = 1 (mod 64)`` puts exactly one key
+# of the last row in the next tile (Nq=64, Nk=65: with the bound off by one the last row loses key 64).
+OFF_BY_ONE = [
+    # (B, H, Hkv, Nq, Nk, D, block_q, block_k, bias_dim)
+    (1, 4, 2, 64, 65, 32, 64, 64, 3),
+    (1, 2, 1, 64, 129, 32, 64, 64, 2),
+    (1, 2, 2, 63, 64, 32, 64, 64, None),
+    (1, 2, 2, 65, 64, 32, 64, 64, 2),
+    (1, 2, 2, 1, 65, 32, 64, 64, None),
+    (1, 2, 1, 127, 129, 32, 64, 64, 3),
+    (1, 2, 2, 100, 165, 32, 128, 128, 2),  # mask block 128 tiled by 64-row kernel tiles
+    (1, 2, 2, 65, 130, 16, 64, 128, None),
+]
+SDPA_CASES = [c[:8] + (True, c[8]) for c in OFF_BY_ONE] + FWD_CASES
+
+
+def _oracle_inputs(case, dtype, device, seed):
+    B, H, Hkv, Nq, Nk, D, bq, bk, causal, bias_dim = case
+    q, k, v, bias = _inputs(B, H, Hkv, Nq, Nk, D, dtype, device, seed=seed, bias_dim=bias_dim)
+    dense = _random_dense(B, H, math.ceil(Nq / bq), math.ceil(Nk / bk), seed=D + Nk, density=0.7)
+    dense[0, 0, -1] = True  # the last query block sees every key block (the causal diagonal tiles)
+    if dense.shape[-2] > 1:
+        dense[-1, -1, 0] = False
+    return q, k, v, bias, dense
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", SDPA_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_forward_matches_sdpa_oracle(backend_device, case, dtype):
+    """Tolerance (DESIGN.md): |out - oracle64| <= 2 |SDPA in the same dtype - oracle64| + floor, the
+    floor a few ulps of the dtype (FLOORS) for the cases where SDPA in that dtype happens to be exact;
+    LSE within 1e-5 (fp32) / 2e-2 (fp16, bf16: the same bound as test_forward_matches_reference;
+    the LSE is fp32 from fp16/bf16 inputs, |logit| < 20)."""
+    backend, device = backend_device
+    _skip_interp_bf16(backend, device, dtype)
+    B, H, Hkv, Nq, Nk, D, bq, bk, causal, bias_dim = case
+    q, k, v, bias, dense = _oracle_inputs(case, dtype, device, seed=Nq * 7 + Nk)
+    mask = BlockMask.from_dense(dense.to(device), bq, bk, Nq, Nk)
+    out, lse = block_sparse_attention(q, k, v, mask, causal=causal, key_bias=bias, return_lse=True, backend=backend)
+    allowed = dense_token_mask(dense, bq, bk, Nq, Nk, causal)
+    cpu = [t.cpu() if t is not None else None for t in (q, k, v, bias)]
+    exp_out, exp_lse = sdpa_attention(*cpu[:3], allowed, D ** -0.5, cpu[3])
+    base_out, _ = sdpa_attention(*cpu[:3], allowed, D ** -0.5, cpu[3], dtype=dtype)
+    assert not out.isnan().any() and not lse.isnan().any()
+    _check_close(out, exp_out, base_out, FLOORS[dtype])
+    empty = torch.isinf(exp_lse)
+    assert torch.equal(torch.isinf(lse.cpu()), empty) and (out.cpu()[empty] == 0).all()
+    fin = ~empty
+    assert (lse.cpu()[fin].double() - exp_lse[fin]).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("case", [c[:8] + (True, c[8]) for c in OFF_BY_ONE[:6]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_causal_off_by_one_gradients_and_mass_match_sdpa(backend_device, case):
+    """Backward (dq, dk, dv, dbias) and per-key mass at the off-by-one lengths, against float64
+    autograd through the SDPA oracle.  Tolerance: 2x the fp32 SDPA autograd error plus 1e-5 (fp32
+    ulps times reductions over <= 129 keys/queries of O(1) terms)."""
+    backend, device = backend_device
+    B, H, Hkv, Nq, Nk, D, bq, bk, causal, bias_dim = case
+    q, k, v, bias, dense = _oracle_inputs(case, torch.float32, device, seed=Nq + 3 * Nk)
+    leaves = [q, k, v] + ([bias] if bias is not None else [])
+    for t in leaves:
+        t.requires_grad_(True)
+    mask = BlockMask.from_dense(dense.to(device), bq, bk, Nq, Nk)
+    out, mass = attention_with_key_mass(q, k, v, mask, causal=True, key_bias=bias, backend=backend)
+    out2, lse = block_sparse_attention(q, k, v, mask, causal=True, key_bias=bias, return_lse=True, backend=backend)
+    g = torch.Generator().manual_seed(5)
+    gout = torch.randn(out.shape, generator=g)
+    glse = torch.randn(lse.shape, generator=g)
+    loss = (out2 * gout.to(device)).sum() + (torch.where(lse.isinf(), 0, lse) * glse.to(device)).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    allowed = dense_token_mask(dense, bq, bk, Nq, Nk, True)
+
+    def run(dt):
+        rl = [t.detach().cpu().to(dt).requires_grad_(True) for t in leaves]
+        o, l = sdpa_attention(*rl[:3], allowed, D ** -0.5, rl[3] if bias is not None else None, dtype=dt)
+        rloss = (o * gout.to(dt)).sum() + (torch.where(l.isinf(), 0, l) * glse.to(dt)).sum()
+        return torch.autograd.grad(rloss, rl)
+
+    o64, l64 = sdpa_attention(*[t.detach().cpu() for t in (q, k, v)], allowed, D ** -0.5,
+                              bias.detach().cpu() if bias is not None else None)
+    o32, _ = sdpa_attention(*[t.detach().cpu() for t in (q, k, v)], allowed, D ** -0.5,
+                            bias.detach().cpu() if bias is not None else None, dtype=torch.float32)
+    _check_close(out2.detach(), o64, o32, FLOORS[torch.float32])
+    _check_close(out.detach(), o64, o32, FLOORS[torch.float32])
+    exp, base = run(torch.float64), run(torch.float32)
+    for name, got, e, b in zip(("dq", "dk", "dv", "dbias"), grads, exp, base):
+        assert got.shape == e.shape and not got.isnan().any(), name
+        _check_close(got, e, b, 1e-5)
+    # mass[j] = sum_i P[i, j], P from the oracle's float64 logits
+    kk = k.detach().cpu().double().repeat_interleave(H // Hkv, 1)
+    s = q.detach().cpu().double() @ kk.transpose(-1, -2) * D ** -0.5
+    if bias is not None:
+        b64 = bias.detach().cpu().double()
+        s = s + (b64[:, None, None, :] if b64.dim() == 2 else b64[:, :, None, :])
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.nan_to_num(s.softmax(-1), nan=0.0)
+    torch.testing.assert_close(mass.detach().cpu().double(), p.sum(-2), atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- key mass
@@ -453,6 +569,36 @@ def test_triton_split_kv_forward(num_splits):
         exp_out, exp_lse = ref.attention(q.cpu(), k.cpu(), v.cpu(), mask.kv_num_blocks.cpu(), mask.kv_indices.cpu(),
                                          32, 128, causal, D ** -0.5, bias.cpu())
         torch.testing.assert_close(out.cpu().double(), exp_out, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(lse.cpu().double(), exp_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not tokops.triton_available(), reason="needs triton")
+@pytest.mark.parametrize("num_splits", [2, 3, 5])
+def test_triton_split_kv_forward_every_split_nonempty(num_splits):
+    """Split-KV with every split holding key blocks (5 listed blocks per row: 2 splits get 3 + 2,
+    3 splits 2 + 2 + 1, 5 splits one each), GQA, per-head bias, causal and not, against the SDPA
+    oracle.  Tolerance: fp32, 2x the error of SDPA in fp32 + 2e-6 (FLOORS)."""
+    from tokops import _registry
+    from tokops.triton_kernels import block_sparse_attn as tk
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not _registry.triton_interpreter():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    B, H, Hkv, Nq, Nk, D = 1, 2, 1, 20, 300, 32
+    q, k, v, bias = _inputs(B, H, Hkv, Nq, Nk, D, torch.float32, device, seed=15, bias_dim=3)
+    dense = torch.ones(1, H, 1, 5, dtype=torch.bool)
+    dense[0, 1, 0, 2] = False  # head 1: 4 blocks, so its splits differ from head 0's
+    mask = BlockMask.from_dense(dense.to(device), 32, 64, Nq, Nk)
+    per_split = math.ceil(5 / num_splits)
+    assert math.ceil(5 / per_split) == num_splits and 5 - per_split * (num_splits - 1) > 0  # all non-empty
+    for causal in (False, True):
+        out, lse = tk.fwd(q, k, v, mask.kv_num_blocks, mask.kv_indices, 32, 64, causal, D ** -0.5, bias,
+                          num_splits=num_splits)
+        allowed = dense_token_mask(dense, 32, 64, Nq, Nk, causal)
+        cpu = [t.cpu() for t in (q, k, v, bias)]
+        exp_out, exp_lse = sdpa_attention(*cpu[:3], allowed, D ** -0.5, cpu[3])
+        base_out, _ = sdpa_attention(*cpu[:3], allowed, D ** -0.5, cpu[3], dtype=torch.float32)
+        _check_close(out, exp_out, base_out, FLOORS[torch.float32])
         torch.testing.assert_close(lse.cpu().double(), exp_lse, atol=1e-5, rtol=1e-5)
 
 

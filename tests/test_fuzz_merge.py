@@ -1,5 +1,6 @@
 """Fuzzing token merging: every input gives the reference answer or a clear error."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,21 +28,38 @@ def _check_structure(m, x, N, valid=None):
     assert torch.equal(size.sum((1, 2)).round().long().cpu(), n_valid.cpu())
 
 
+# Seeded (derandomize=True) and mostly valid: one example in 5 corrupts one argument, the others are
+# valid with N >= 2 and r >= 1 and well-separated scores more often than not, so that most examples
+# reach the reference comparison; REACHED records it (test_fuzz_examples_mostly_reach_the_reference).
+REACHED: dict[str, list[bool]] = {}
+SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+
 @st.composite
 def matching_inputs(draw):
-    ndim = draw(st.sampled_from([3, 3, 3, 3, 1, 2, 4]))  # mostly valid inputs, some of every kind of bad one
-    shape = tuple(draw(st.lists(st.integers(0, 12), min_size=ndim, max_size=ndim)))
-    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float16, torch.float64, torch.int32]))
-    r = draw(st.one_of(st.integers(0, 20), st.integers(-2, 20), st.floats(0.0, 1.0), st.floats(-0.5, 1.5),
-                       st.sampled_from([True, "2", None])))
-    cls = draw(st.booleans())
-    dist = draw(st.sampled_from([False, False, cls, True]))
-    transpose = draw(st.integers(0, 5)) == 0 and ndim >= 2
     backend, device = draw(st.sampled_from(BACKENDS))
+    shape = (draw(st.integers(1, 3)), draw(st.integers(4, 40)), draw(st.integers(1, 40)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float16]))
+    r = draw(st.one_of(st.integers(1, 25), st.floats(0.25, 1.0)))  # int(r * N) >= 1
+    cls = draw(st.booleans())
+    dist = cls and draw(st.booleans())
+    transpose = False
+    if draw(st.integers(0, 4)) == 0:  # corrupt one argument
+        bad = draw(st.sampled_from(["ndim", "dtype", "r", "transpose", "empty"]))
+        if bad == "ndim":
+            shape = tuple(draw(st.lists(st.integers(0, 12), min_size=1, max_size=4).filter(lambda s: len(s) != 3)))
+        elif bad == "dtype":
+            dtype = draw(st.sampled_from([torch.float64, torch.int32]))
+        elif bad == "r":
+            r = draw(st.sampled_from([-2, -0.5, 1.5, True, "2", None]))
+        elif bad == "transpose":
+            transpose = True
+        else:
+            shape = (shape[0], 0, shape[2])
     return shape, dtype, r, cls, dist, transpose, backend, device, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, **SETTINGS)
 @given(matching_inputs())
 def test_matching_fuzz(args):
     shape, dtype, r, cls, dist, transpose, backend, device, seed = args
@@ -51,10 +69,12 @@ def test_matching_fuzz(args):
     if transpose:
         metric = metric.transpose(-1, -2)
     metric = metric.to(device)
+    reached = REACHED.setdefault("test_matching_fuzz", [])
     try:
         m = M.bipartite_soft_matching(metric, r, cls, dist, backend=backend)
     except (TypeError, ValueError) as e:
         assert any(name in str(e) for name in ("metric", "r ", "r as", "class_token", "distill_token")), e
+        reached.append(False)
         return
     B, N, C = metric.shape
     x = torch.randn(B, N, 5, generator=g).to(device)
@@ -62,7 +82,9 @@ def test_matching_fuzz(args):
     rm = R.bipartite_soft_matching(metric.cpu(), r_int, cls, dist, score_dtype=torch.float64)
     assert m.n_out == N - rm.r
     _check_structure(m, x, N)
-    if rm.r and _separated(metric.cpu(), cls, dist):
+    hit = bool(rm.r and _separated(metric.cpu(), cls, dist))
+    reached.append(hit)
+    if hit:
         assert torch.equal(m.src_idx.cpu(), rm.src_idx) and torch.equal(m.dst_idx.cpu(), rm.dst_idx)
         torch.testing.assert_close(M.merge(m, x, backend=_mb(backend)).cpu(), R.merge(rm, x.cpu()),
                                    atol=1e-5, rtol=1e-5)
@@ -88,7 +110,12 @@ def _padded_separated(metric, valid, cls, dist, gap=1e-4) -> bool:
 @st.composite
 def valid_matching_inputs(draw):
     B, N, C = draw(st.integers(1, 3)), draw(st.integers(1, 45)), draw(st.integers(1, 40))
-    r = draw(st.one_of(st.integers(0, 25), st.floats(0.0, 1.0)))
+    # r = 0 and N = 1 (identity merges) stay possible but rare: most examples merge something
+    if draw(st.integers(0, 9)) == 0:
+        N, r = draw(st.integers(1, 3)), draw(st.one_of(st.integers(0, 2), st.floats(0.0, 0.2)))
+    else:
+        N = max(N, 4)
+        r = draw(st.one_of(st.integers(1, 25), st.floats(0.25, 1.0)))
     cls = draw(st.booleans())
     dist = cls and draw(st.booleans())
     backend, device = draw(st.sampled_from(BACKENDS))
@@ -97,7 +124,7 @@ def valid_matching_inputs(draw):
     return (B, N, C), dtype, r, cls, dist, backend, device, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, **SETTINGS)
 @given(valid_matching_inputs())
 def test_matching_fuzz_valid(args):
     shape, dtype, r, cls, dist, backend, device, seed = args
@@ -110,7 +137,9 @@ def test_matching_fuzz_valid(args):
                                    score_dtype=torch.float64)
     assert m.n_out == N - rm.r and m.r == rm.r
     _check_structure(m, x.to(device).float(), N)
-    if rm.r and _separated(metric, cls, dist):
+    hit = bool(rm.r and _separated(metric, cls, dist))
+    REACHED.setdefault("test_matching_fuzz_valid", []).append(hit)
+    if hit:
         assert torch.equal(m.src_idx.cpu(), rm.src_idx) and torch.equal(m.dst_idx.cpu(), rm.dst_idx)
         assert torch.equal(m.unm_idx.cpu(), rm.unm_idx)
         got = M.merge(m, x.to(device), "sum", backend=_mb(backend)).cpu().double()
@@ -127,7 +156,7 @@ def padded_inputs(draw):
     return B, N, C, r, cls, dist, draw(st.booleans()), backend, device, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, **SETTINGS)
 @given(padded_inputs())
 def test_padded_fuzz(args):
     B, N, C, r, cls, dist, prefix, backend, device, seed = args
@@ -142,7 +171,9 @@ def test_padded_fuzz(args):
     _check_structure(m, x.to(device), N, valid.to(device))
     groups = R.padded_groups(metric, valid, r, cls, dist)
     assert m.n_out == max(len(row) for row in groups)
-    if _padded_separated(metric, valid, cls, dist):
+    hit = _padded_separated(metric, valid, cls, dist)
+    REACHED.setdefault("test_padded_fuzz", []).append(hit)
+    if hit:
         exp = R.apply_groups(groups, x, m.n_out, "mean")
         torch.testing.assert_close(M.merge(m, x.to(device), backend=_mb(backend)).cpu(), exp, atol=1e-5, rtol=1e-5)
 
@@ -193,3 +224,13 @@ def test_tome_non_finite_and_huge_metric_fuzz(args):
         assert m.n_out == plans[0].n_out and torch.equal(m.slot.cpu(), plans[0].slot.cpu())
     _check_structure(plans[0], torch.randn(B, N, 3, generator=g).to(plans[0].slot.device), N,
                      None if valid is None else valid.to(plans[0].slot.device))
+
+
+def test_fuzz_examples_mostly_reach_the_reference():
+    """Most fuzz examples reach the reference comparison (derandomized: the fraction is fixed)."""
+    if "test_matching_fuzz" not in REACHED:
+        pytest.skip("run together with the fuzz tests")
+    for name, hits in REACHED.items():
+        frac = sum(hits) / len(hits)
+        print(f"{name}: {sum(hits)} of {len(hits)} examples reach the reference ({frac:.0%})")
+        assert frac >= 0.6, (name, sum(hits), len(hits))

@@ -15,7 +15,8 @@ from tokops.attention import reference as aref
 from conftest import runnable_backends
 
 BACKENDS = runnable_backends()
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = dict(deadline=None, derandomize=True,  # seeded: the same examples on every run
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def _dtypes(backend, device):
@@ -181,7 +182,7 @@ def hostile_attention_inputs(draw):
     return backend, device, kind, nq, nk, causal, compiled, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=16, derandomize=True, **SETTINGS)
+@settings(max_examples=16, **SETTINGS)
 @given(hostile_attention_inputs())
 def test_attention_non_finite_huge_and_compiled_fuzz(args):
     backend, device, kind, nq, nk, causal, compiled, seed = args

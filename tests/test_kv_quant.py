@@ -1,5 +1,7 @@
 """KV quantization: DESIGN.md test vectors, backend agreement, error bound, bad input, registry."""
 
+import os
+
 import pytest
 import torch
 
@@ -7,6 +9,8 @@ import tokops
 from tokops import _registry
 from tokops.kv import QuantizedTensor
 from tokops.kv import reference as ref
+
+from oracles import check_fp8_codes, naive_dequantize, naive_fp8, naive_quantize, naive_unpack
 
 
 def _vector() -> torch.Tensor:
@@ -54,6 +58,54 @@ def test_design_tie_vector(backend_device, axis):
     assert ref.unpack_codes(qt.codes.cpu(), 2, axis).reshape(-1)[:8].tolist() == [0, 0, 1, 2, 2, 2, 3, 3]
 
 
+# Hand-computed vectors (independent of every implementation; derivations in the comments).
+# DESIGN.md's vector at 8 bits: x_i = ((7 i) mod 11) - 5 + 0.25 (i mod 3).  min = -5 (i = 0), max = 5.5
+# (i = 14: 7*14 mod 11 = 10, 14 mod 3 = 2), so zero = fp16(-5) = 0xC500 and scale = fp16(10.5 / 255) =
+# fp16(0.0411765) = 0x2945 (= 1.3173828 * 2^-5 = 0.0411682).  Codes round((x_i + 5) / 0.0411682):
+# i=1: x = 2.25, 7.25 / 0.0411682 = 176.1 -> 176; i=2: x = 3 - 5 + 0.5 = -1.5, 3.5 / 0.0411682 = 85.02 -> 85;
+# i=14: x = 5.5, 10.5 / 0.0411682 = 255.05 -> 255 (clamped to QMAX), and so on; words pack 4 codes LSB first.
+VECTOR8 = dict(zero=0xC500, scale=0x2945,
+               codes=[0, 176, 85, 243, 152, 61, 219, 128, 36, 194, 103, 12, 170, 79, 255, 146, 55, 231, 121, 30, 206,
+                      97, 6, 182, 73, 249, 158, 49, 225, 134, 24, 200],
+               words=[0xF355B000, 0x80DB3D98, 0x0C67C224, 0x92FF4FAA, 0x1E79E737, 0xB60661CE, 0x319EF949,
+                      0xC81886E1])
+# Ties at 8 and 4 bits (scale exactly 1, so (x - zero) / scale = x): round half to even.
+# 8 bits, G = 8: min 0, max 255 -> scale 1; 0.5 -> 0, 1.5 -> 2, 2.5 -> 2, 3.5 -> 4, 254.5 -> 254;
+# words (LSB first): 0 | 0<<8 | 2<<16 | 2<<24 = 0x02020000 and 4 | 254<<8 | 255<<16 | 7<<24 = 0x07FFFE04.
+# 4 bits, G = 8: min 0, max 15 -> scale 1; nibbles 0,F,0,2,2,E,E,8 (LSB first) -> 0x8EE220F0.
+TIES = [(8, [0, 0.5, 1.5, 2.5, 3.5, 254.5, 255, 7], [0, 0, 2, 2, 4, 254, 255, 7], [0x02020000, 0x07FFFE04]),
+        (4, [0, 15, 0.5, 1.5, 2.5, 13.5, 14.5, 7.5], [0, 15, 0, 2, 2, 14, 14, 8], [0x8EE220F0]),
+        (2, [0, 1, 2, 3, 4, 5, 6, 6], [0, 0, 1, 2, 2, 2, 3, 3], None)]
+
+
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_hand_computed_8bit_vector(backend_device, axis):
+    backend, device = backend_device
+    x = _vector().to(device)
+    x = x.view(1, 32) if axis == -1 else x.view(32, 1)
+    qt = tokops.kv.quantize(x, 8, 32, axis, backend=backend)
+    assert _bits16(qt.zero.cpu()) == VECTOR8["zero"] and _bits16(qt.scale.cpu()) == VECTOR8["scale"]
+    assert _words(qt.codes.cpu()) == VECTOR8["words"]
+    assert naive_unpack(qt.codes.cpu(), 8, axis, 32).reshape(-1).tolist() == VECTOR8["codes"]
+    # dequantize: code * scale + zero in fp32, exactly
+    got = tokops.kv.dequantize(qt, torch.float32, backend=backend).cpu().reshape(-1)
+    s = float(torch.tensor(VECTOR8["scale"], dtype=torch.int16).view(torch.float16))
+    exp = torch.tensor([c * s for c in VECTOR8["codes"]], dtype=torch.float32) - 5.0
+    assert torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("bits,x,codes,words", TIES, ids=lambda v: str(v) if isinstance(v, int) else None)
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_hand_computed_tie_vectors(backend_device, bits, x, codes, words, axis):
+    backend, device = backend_device
+    x = torch.tensor(x, dtype=torch.float16, device=device)
+    x = x.view(1, 8) if axis == -1 else x.view(8, 1)
+    qt = tokops.kv.quantize(x, bits, 8, axis, backend=backend)
+    assert naive_unpack(qt.codes.cpu(), bits, axis, 8).reshape(-1).tolist() == codes
+    if words is not None:
+        assert _words(qt.codes.cpu()) == words
+
+
 SHAPES = [(2, 3, 37, 64), (1, 2, 64, 128), (5, 128), (1, 1, 1, 32)]
 CASES = [(b, g) for b in (8, 4, 2) for g in (32, 64, 128)] + [(2, 8), (8, 4)]
 
@@ -70,6 +122,9 @@ def _random(shape, dtype, device, seed=0):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_backends_agree_with_reference(backend_device, shape, bits, group_size, axis, dtype):
     backend, device = backend_device
+    if backend == "torch":
+        pytest.skip("the torch backend is kv.reference itself: it is checked against the independent oracle "
+                    "(test_backends_agree_with_naive_oracle, the hand-computed vectors)")
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bf16 arithmetic")
     if axis == -1 and shape[-1] % group_size:
@@ -85,6 +140,31 @@ def test_backends_agree_with_reference(backend_device, shape, bits, group_size, 
         exp = ref.dequantize(*expected, bits, group_size, axis, x.shape[axis], out_dtype)
         assert got.shape == x.shape and got.dtype == out_dtype
         assert torch.equal(got.cpu(), exp)
+
+
+ORACLE_CASES = [(8, 32), (4, 64), (2, 128), (2, 8), (8, 4), (4, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("axis", [-1, -2])
+@pytest.mark.parametrize("bits,group_size", ORACLE_CASES)
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_backends_agree_with_naive_oracle(backend_device, shape, bits, group_size, axis, dtype):
+    """Every backend -- the torch one too, which *is* ``kv.reference`` -- against the group-by-group
+    Python oracle of tests/oracles.py (bit-exact: the spec defines the codes by one fp32 division)."""
+    backend, device = backend_device
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    if axis == -1 and shape[-1] % group_size:
+        pytest.skip("group_size must divide D for axis=-1")
+    x = _random(shape, dtype, "cpu", seed=bits * 100 + group_size + axis)
+    x.view(-1)[:: 7] = x.view(-1)[:: 7].round()  # exact small integers: ties of (x - zero) / scale happen
+    expected = naive_quantize(x, bits, group_size, axis)
+    qt = tokops.kv.quantize(x.to(device), bits, group_size, axis, backend=backend)
+    for name, got, exp in zip(("codes", "scale", "zero"), qt[:3], expected):
+        assert torch.equal(got.cpu(), exp), f"{name} differs in {(got.cpu() != exp).sum().item()} places"
+    got = tokops.kv.dequantize(qt, torch.float32, backend=backend).cpu()
+    assert torch.equal(got, naive_dequantize(*expected, bits, group_size, axis, x.shape[axis]))
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -140,18 +220,23 @@ def test_fp8(backend_device, shape, dtype):
     x = _random(shape, dtype, "cpu", seed=7)
     x[0, ...] = 0  # an all-zero row: scale 0, codes 0, no NaN
     exp_codes, exp_scale = ref.quantize_fp8(x)
+    # the reference (= the torch backend) against the cast written from the format (tests/oracles.py)
+    naive_vals, naive_scale = naive_fp8(x)
+    assert torch.equal(exp_scale, naive_scale) and torch.equal(exp_codes.double(), naive_vals)
     ft = tokops.kv.quantize_fp8(x.to(device), backend=backend)
     assert ft.codes.dtype == torch.float8_e4m3fn and ft.scale.dtype == torch.float32
     assert torch.equal(ft.scale.cpu(), exp_scale)
-    if interp:
-        pytest.xfail("the Triton interpreter rounds some fp8 casts across a binade (known gap); exact on GPU")
+    got_codes = ft.codes.cpu()
+    mismatch = check_fp8_codes(x, got_codes, exp_codes, exp_scale, interp)
     got = tokops.kv.dequantize_fp8(ft, torch.float32, backend=backend).cpu()
     assert not got.isnan().any()
     # e4m3 keeps 3 mantissa bits: relative error <= 2^-4, absolute <= 2^-9 * scale near zero
+    # (on the interpreter's admitted binade crossings the error is up to half the value: excluded here,
+    # they are checked above)
     tol = x.float().abs() * 2.0**-4 + exp_scale.unsqueeze(-1) * 2.0**-9
-    assert ((got - x.float()).abs() <= tol).all()
-    assert torch.equal(ft.codes.cpu().view(torch.uint8), exp_codes.view(torch.uint8))
-    assert torch.equal(got, ref.dequantize_fp8(exp_codes, exp_scale, torch.float32))
+    assert ((got - x.float()).abs() <= tol)[~mismatch].all()
+    # dequantize is exact arithmetic on the codes it is given: codes * scale in fp32
+    assert torch.equal(got, got_codes.float() * ft.scale.cpu().unsqueeze(-1))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -246,9 +331,18 @@ def test_quantized_tensor_is_a_namedtuple():
     assert codes.shape == (1, 4, 8, 32) and scale.shape == (1, 4, 1, 32)
 
 
-def test_auto_backend_matches_explicit():
-    x = _random((2, 4, 40, 64), torch.float16, "cuda" if torch.cuda.is_available() else "cpu")
+def test_auto_backend_resolves_as_documented_and_matches_the_oracle():
+    """``auto`` is the CUDA kernel only where verified on a GPU, else Triton on a GPU, else torch on CPU
+    (DESIGN.md), and whatever it resolves to gives the independent oracle's bits (on CPU auto = torch,
+    so comparing auto with torch would compare torch with itself)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = _random((2, 4, 40, 64), torch.float16, device)
+    be = _registry.resolve_backend("kv_quantize", "auto", device)
+    if device.type == "cpu":
+        assert be == "torch"
+    else:
+        assert be in ("cuda", "triton") and (be != "cuda" or "kv_quantize" in _registry.GPU_VERIFIED_CUDA
+                                             or os.environ.get("TOKOPS_AUTO_CUDA") == "1")
     a = tokops.kv.quantize(x, 4, 32, -1)
-    b = tokops.kv.quantize(x, 4, 32, -1, backend="torch")
-    assert all(torch.equal(p, q) for p, q in zip(a[:3], b[:3]))
-    assert _registry.resolve_backend("kv_quantize", "auto", x.device) in ("torch", "triton", "cuda")
+    for got, exp in zip(a[:3], naive_quantize(x.cpu(), 4, 32, -1)):
+        assert torch.equal(got.cpu(), exp)

@@ -112,6 +112,22 @@ def test_match_kernel_ties_take_first_index(backend_device):
     assert torch.equal(m.src_idx.cpu(), rm.src_idx) and torch.equal(m.dst_idx.cpu(), rm.dst_idx)
 
 
+def test_match_kernel_ties_across_tiles(backend_device):
+    """An exact tie between B tokens in different tiles of the running max (B 4 in the first tile,
+    copies at B 18 and B 35: other tiles for the 16-wide interpreter tiles and the 32-wide GPU tiles
+    of nB = 40) keeps the first index, like torch.max."""
+    backend, device = backend_device
+    metric = _metric(1, 80, 24, seed=5).clone()
+    for j in (18, 35):
+        metric[0, 2 * j + 1] = metric[0, 2 * 4 + 1]
+    metric[0, 2 * 3] = metric[0, 2 * 4 + 1]  # A 3 == B 4 == B 18 == B 35
+    metric[0, 2 * 30] = metric[0, 2 * 4 + 1]
+    node_max, node_idx = torch.ops.tokops.tome_match(metric.to(device), None, False, False, backend)
+    exp_max, exp_idx = _ref_match(metric, False, False)
+    assert node_idx[0, 3].item() == 4 and node_idx[0, 30].item() == 4
+    assert torch.equal(node_idx.cpu(), exp_idx)
+
+
 def test_match_kernel_multi_tile_large_c(backend_device):
     """More B tokens than one tile and C larger than one K block, ragged everywhere."""
     backend, device = backend_device

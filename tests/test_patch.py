@@ -87,6 +87,50 @@ def test_tome_bert_padded_batch_rows_match_single_rows():
             torch.testing.assert_close(batch[i:i + 1, :n], alone)
 
 
+def _eager_tome_block(x, size, q, k, v, scale, r, ms):
+    """Proportional attention (softmax of q k^T * scale + log(size)) of one layer in plain torch;
+    returns the attention context and a function that merges (ToMe, DESIGN.md reference) after it."""
+    B, N, H, D = q.shape
+    logits = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) * scale + size[..., 0].log()[:, None, None, :]
+    ctx = (logits.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(B, N, H * D)
+
+    def merge(a, size):
+        m = mref.bipartite_soft_matching(k.mean(2), r, class_token=True, score_dtype=torch.float32)
+        ms.append(m)
+        return mref.merge_wavg(m, a, size)
+
+    return ctx, merge
+
+
+@torch.no_grad()
+def _ref_vit_tome(model, px, r):
+    """Pure-torch ToMe on a transformers ViT: eager proportional attention, merge after attention,
+    before the MLP (DESIGN.md), reference matching/merge, unmerge at the output."""
+    x = model.embeddings(px)
+    size = torch.ones_like(x[..., :1])
+    ms = []
+    for layer in model.layers if hasattr(model, "layers") else model.encoder.layer:
+        att = layer.attention
+        if hasattr(att, "q_proj"):
+            qp, kp, vp, op, H = att.q_proj, att.k_proj, att.v_proj, att.o_proj, model.config.num_attention_heads
+            mlp = layer.mlp
+        else:
+            sa = att.attention
+            qp, kp, vp, op, H = sa.query, sa.key, sa.value, att.output.dense, sa.num_attention_heads
+            mlp = lambda h, layer=layer: layer.output.dense(layer.intermediate(h))  # noqa: E731
+        h = layer.layernorm_before(x)
+        B, N, C = h.shape
+        q, k, v = (f(h).view(B, N, H, C // H) for f in (qp, kp, vp))
+        ctx, merge = _eager_tome_block(x, size, q, k, v, (C // H) ** -0.5, r, ms)
+        x = x + op(ctx)
+        x, size = merge(x, size)
+        x = x + mlp(layer.layernorm_after(x))
+    x = model.layernorm(x)
+    for m in reversed(ms):
+        x = mref.unmerge(m, x)
+    return x
+
+
 def test_tome_vit_transformers():
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
@@ -99,7 +143,35 @@ def test_tome_vit_transformers():
         out = tp.tome(model, 4)(pixel_values=px).last_hidden_state
     assert out.shape == base.shape and torch.isfinite(out).all()
     assert model._tome_state.tokens_per_layer == [13, 9]
-    torch.testing.assert_close(out[:, 0], out[:, 0])  # class token kept in place
+    # values: the pure-torch ToMe reference.  Tolerance: fp32, the default assert_close (1.3e-6 rel /
+    # 1e-5 abs) -- the two sides differ only by the attention kernel's fp32 rounding vs eager softmax
+    # (outputs are layer-normed, |x| < 5); the matchings are the same (checked via the token counts).
+    expected = _ref_vit_tome(model, px, 4)
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, base, atol=1e-3)  # merging changed the output: the check is not vacuous
+    # the class token (never merged, always attended with log(size) bias) differs from the unmerged model
+    assert not torch.allclose(out[:, 0], base[:, 0], atol=1e-4)
+
+
+@torch.no_grad()
+def _ref_timm_tome(model, px, r):
+    """Pure-torch ToMe on a timm VisionTransformer (same recipe as :func:`_ref_vit_tome`)."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(px))))
+    size = torch.ones_like(x[..., :1])
+    ms = []
+    for blk in model.blocks:
+        attn = blk.attn
+        B, N, C = x.shape
+        H = attn.num_heads
+        q, k, v = attn.qkv(blk.norm1(x)).reshape(B, N, 3, H, C // H).unbind(2)
+        q, k = attn.q_norm(q), attn.k_norm(k)  # Identity in this model
+        ctx, merge = _eager_tome_block(x, size, q, k, v, attn.scale, r, ms)
+        x = x + blk.ls1(attn.proj(attn.norm(ctx)))
+        x, size = merge(x, size)
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+    for m in reversed(ms):
+        x = mref.unmerge(m, x)
+    return model.forward_head(model.norm(x))
 
 
 def test_tome_timm_vit():
@@ -114,6 +186,9 @@ def test_tome_timm_vit():
         out = tp.tome(model, 3)(px)
     assert out.shape == base.shape and torch.isfinite(out).all()
     assert model._tome_state.tokens_per_layer == [14, 11]
+    # values against the pure-torch reference (tolerance: as in test_tome_vit_transformers)
+    torch.testing.assert_close(out, _ref_timm_tome(model, px, 3))
+    assert not torch.allclose(out, base, atol=1e-4)
 
 
 def test_tome_bad_input():

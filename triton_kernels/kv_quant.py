@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from tokops._registry import new_output
-from tokops.kv.reference import packed_shapes
+from tokops.kv.layout import packed_shapes
 
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds v to the nearest integer, ties to even
 _FP8_MAX = 448.0

@@ -14,6 +14,7 @@ from .. import _registry as reg
 from .._checks import (FLOAT_DTYPES, check_int, check_power_of_two, check_same_device, check_shape, check_tensor,
                        dense, normalize_axis)
 from . import reference as ref
+from .layout import packed_shapes
 
 BITS = (8, 4, 2)
 MIN_GROUP, MAX_GROUP = 4, 1024
@@ -78,7 +79,7 @@ def _check_dequantize(qt: QuantizedTensor, dtype):
     check_int("qt.length", qt.length, min_value=1)
     *lead, a, b = qt.codes.shape
     shape = (*lead, a, qt.length) if qt.axis == -1 else (*lead, qt.length, b)
-    codes_shape, scale_shape = ref.packed_shapes(shape, qt.bits, qt.group_size, qt.axis)
+    codes_shape, scale_shape = packed_shapes(shape, qt.bits, qt.group_size, qt.axis)
     check_shape("qt.codes", qt.codes, codes_shape)
     check_shape("qt.scale", qt.scale, scale_shape)
     check_shape("qt.zero", qt.zero, scale_shape)
@@ -105,7 +106,7 @@ def _check_dequantize_fp8(ft: Fp8Tensor, dtype):
 
 # --------------------------------------------------------------------------- op definitions
 def _quantize_fake(x, bits, group_size, axis, backend):
-    codes_shape, scale_shape = ref.packed_shapes(x.shape, bits, group_size, axis)
+    codes_shape, scale_shape = packed_shapes(x.shape, bits, group_size, axis)
     return (x.new_empty(codes_shape, dtype=torch.int32), x.new_empty(scale_shape, dtype=torch.float16),
             x.new_empty(scale_shape, dtype=torch.float16))
 

@@ -18,23 +18,14 @@ from __future__ import annotations
 
 import torch
 
+from .layout import packed_shapes  # noqa: F401  (re-exported: the layout lives in tokops.kv.layout)
+
 FP8_MAX = 448.0
 FP16_MAX = 65504.0  # dequantize saturates fp16 outputs here: q * scale + zero may round just past it
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def packed_shapes(shape, bits: int, group_size: int, axis: int):
-    """(codes_shape, scale_shape) for a tensor of ``shape`` quantized along ``axis`` (-1 or -2)."""
-    *lead, n, d = shape
-    length = d if axis == -1 else n
-    n_groups = _ceil_div(length, group_size)
-    words = _ceil_div(n_groups * group_size * bits, 32)
-    if axis == -1:
-        return (*lead, n, words), (*lead, n, n_groups)
-    return (*lead, words, d), (*lead, n_groups, d)
 
 
 def _to_last(t: torch.Tensor, axis: int) -> torch.Tensor:
