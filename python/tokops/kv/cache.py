@@ -36,6 +36,9 @@ order); the residual window is the "recent" set and is always kept.  Eviction ne
 layout of the quantized store (``key_axis=value_axis=-1`` or ``mode="fp8"``): a per-channel key group
 mixes ``G`` tokens and cannot drop one without re-quantizing.  After an eviction the store order is
 still chronological, but :meth:`positions` (per batch and kv head) gives the original positions.
+
+**Rollback** (speculative decoding): :meth:`truncate` removes every token at position ``>= length``
+and leaves the layout a cache fed only the first ``length`` tokens would have (see its docstring).
 """
 
 from __future__ import annotations
