@@ -140,15 +140,17 @@ class TokopsQuantizedCache(Cache):
         return TokopsQuantizedLayer(**self._layer_kwargs)
 
     # all-or-nothing batch / length edits: every argument is checked against every layer first
+    def _select_rows(self, name: str, index) -> None:
+        idx = [layer._batch_index(name, index) for layer in self.layers]  # checks every layer first
+        for layer, i in zip(self.layers, idx):
+            if i is not None:
+                layer.kv.select_batch(i)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for layer in self.layers:
-            layer._batch_index("beam_idx", beam_idx)
-        super().reorder_cache(beam_idx)
+        self._select_rows("beam_idx", beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for layer in self.layers:
-            layer._batch_index("indices", indices)
-        super().batch_select_indices(indices)
+        self._select_rows("indices", indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         check_int("repeats", repeats, min_value=1)
