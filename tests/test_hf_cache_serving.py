@@ -194,7 +194,8 @@ def test_cache_batch_methods_and_all_or_nothing():
     for c, kk in zip(cache.kv_caches(), k1):
         assert torch.equal(c.dequantized()[0], kk[[1, 0]])
     snap = _snapshot(cache)
-    bad = [(lambda: cache.reorder_cache(torch.tensor([0, 2])), ValueError, r"beam_idx must hold batch rows in \[0, 2\)"),
+    bad = [(lambda: cache.reorder_cache(torch.tensor([0, 2])), ValueError,
+            r"beam_idx must hold batch rows in \[0, 2\)"),
            (lambda: cache.reorder_cache(torch.tensor([-1])), ValueError, "beam_idx must hold batch rows"),
            (lambda: cache.reorder_cache(torch.tensor([0.0])), TypeError, "beam_idx must be an integer tensor"),
            (lambda: cache.batch_select_indices(torch.tensor([[0]])), ValueError, "indices must be 1-D"),
