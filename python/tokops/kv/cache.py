@@ -36,6 +36,9 @@ order); the residual window is the "recent" set and is always kept.  Eviction ne
 layout of the quantized store (``key_axis=value_axis=-1`` or ``mode="fp8"``): a per-channel key group
 mixes ``G`` tokens and cannot drop one without re-quantizing.  After an eviction the store order is
 still chronological, but :meth:`positions` (per batch and kv head) gives the original positions.
+
+**Rollback** (speculative decoding): :meth:`truncate` removes every token at position ``>= length``
+and leaves the layout a cache fed only the first ``length`` tokens would have (see its docstring).
 """
 
 from __future__ import annotations
@@ -413,6 +416,76 @@ class QuantizedKVCache:
         for a, t in attrs.items():
             setattr(self, a, t)
         self._shape = (index.numel(), *self._shape[1:])
+
+    # ------------------------------------------------------------------ rollback (speculative decoding)
+    @property
+    def seq_length(self) -> int:
+        """Tokens appended so far (positions ``[0, seq_length)``); ``len(cache)`` less the evicted ones."""
+        return self._next_pos if self.initialized else 0
+
+    def _check_truncate(self, length: int) -> None:
+        check_int("length", length, min_value=0)
+        if self.initialized and self.n_evicted and length < self._next_pos:
+            first_res = int(self._r_pos[0]) if self.n_res else self._next_pos
+            if length < first_res:
+                raise ValueError(f"truncate: after H2O eviction only tokens of the residual window (positions >= "
+                                 f"{first_res}) can be removed, got length={length}")
+
+    def truncate(self, length: int) -> None:
+        """Remove every token at position ``>= length`` (speculative-decoding rollback); all or nothing.
+
+        Exact: the removed tokens leave no trace, including those already quantized.  The cache is
+        left with the layout a cache that was only ever appended the first ``length`` tokens (same
+        pins) has: ``n_quant = G * floor(max(0, c - R) / G)`` with ``c`` the unpinned tokens kept.
+        Whole groups below that are kept as they are (codes, scales, zeros: bitwise); kept tokens
+        above it that were already quantized (the group the cut falls in, and any group needed to
+        refill the residual window to ``R``) go back to the full-precision residual window as their
+        dequantized values, i.e. the values attention already used for them (the original inputs
+        are not stored); their groups are re-derived (quantized again, with whatever tokens then
+        complete them) when they next leave the window.  After H2O eviction the rows keep different
+        tokens, so only tokens of the residual window can be removed (else ``ValueError``).
+        ``length >= seq_length`` is a no-op.
+        """
+        self._check_truncate(length)
+        if not self.initialized or length >= self._next_pos:
+            return
+        from .decode import dequantize_store
+
+        nr = self.n_res
+        rpos, rpin = self._r_pos[:nr], self._r_pin[:nr]
+        keep = (rpos < length).nonzero().flatten()
+        kr, vr = self._k_res[:, :, :nr].index_select(2, keep), self._v_res[:, :, :nr].index_select(2, keep)
+        rpos, rpin, rscore = rpos[keep], rpin[keep], self._r_score[..., :nr].index_select(2, keep)
+        nq = self.n_quant
+        if self.n_evicted:  # only residual tokens are removed (checked): the store is kept as it is
+            new_nq = nq
+        else:
+            # store order of the quantized tokens is chronological and the same for every row
+            kept_q = int((self._q_pos[0, 0, :nq] < length).sum())
+            c = kept_q + int((~rpin).sum())
+            new_nq = (max(0, c - self.residual) // self.group_size) * self.group_size
+            if new_nq < kept_q:
+                t = self.tensors()
+                D = self._shape[2]
+                back = []
+                for p, bits, ax in (("k", self.bits_k, self.key_axis), ("v", self.bits_v, self.value_axis)):
+                    x = dequantize_store(t[p + "_codes"], t[p + "_scale"], t[p + "_zero"], self.mode, bits,
+                                         self.group_size, ax, nq, D, self._dtype)
+                    back.append(x[:, :, new_nq:kept_q])
+                bpos = self._q_pos[0, 0, new_nq:kept_q]
+                kr, vr = torch.cat([back[0], kr], 2), torch.cat([back[1], vr], 2)
+                rpos = torch.cat([bpos, rpos])
+                rpin = torch.cat([torch.zeros_like(bpos, dtype=torch.bool), rpin])
+                rscore = torch.cat([self._q_score[..., new_nq:kept_q], rscore], 2)
+                order = rpos.argsort(stable=True)  # pinned residual tokens may be older than the ones put back
+                kr, vr, rpos, rpin, rscore = (kr.index_select(2, order), vr.index_select(2, order), rpos[order],
+                                              rpin[order], rscore.index_select(2, order))
+            else:
+                new_nq = kept_q
+        n_pinned = int(rpin.sum())
+        # commit (nothing above changed the cache)
+        self._set_residual(kr, vr, rpos, rpin, rscore)
+        self.n_quant, self._n_pinned, self._next_pos = new_nq, n_pinned, length
 
     # ------------------------------------------------------------------ views for the kernels
     def tensors(self) -> dict:

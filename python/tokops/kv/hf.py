@@ -1,11 +1,20 @@
 """HuggingFace ``transformers`` integration: ``TokopsQuantizedCache`` (needs ``transformers`` >= 5,
-which exposes the per-layer ``Cache(layers=...)`` API; checked with 5.23).
+which exposes the per-layer ``Cache(layers=...)`` API; checked with 5.23 and 5.24).
 
 Usage::
 
     from tokops.kv.hf import TokopsQuantizedCache
     cache = TokopsQuantizedCache(num_layers=model.config.num_hidden_layers, bits_k=8, bits_v=8)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=32, do_sample=False)
+    out = model.generate(ids, cache=cache, max_new_tokens=32, do_sample=False)
+
+(transformers 5.2x renamed the argument of ``generate`` and of the models' ``forward`` to ``cache=``;
+``past_key_values=`` still works there with a deprecation warning and is the name in older 5.x.)
+
+Batched prompts (left padding + ``attention_mask``), beam search (``reorder_cache``,
+``batch_select_indices``, ``batch_repeat_interleave``: rows are copied as they are, never
+re-quantized) and ``crop`` (speculative / assisted decoding rollback, see
+:meth:`tokops.kv.QuantizedKVCache.truncate`) are supported; the cache-level methods are all or
+nothing (the arguments are checked against every layer before any layer changes).
 
 Each layer holds one :class:`tokops.kv.QuantizedKVCache`.  Two ways to attend:
 
@@ -25,6 +34,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .._checks import check_int
 from .cache import QuantizedKVCache
 from .decode import MAX_NQ, decode_attention
 
@@ -56,7 +66,7 @@ class _FusedMarker(torch.Tensor):
 class TokopsQuantizedLayer(DynamicLayer):
     """One layer of :class:`TokopsQuantizedCache` (a ``transformers`` cache layer)."""
 
-    is_croppable = False
+    is_croppable = True  # crop is exact: see QuantizedKVCache.truncate
 
     def __init__(self, fused: bool = False, backend: str = "auto", **cache_kwargs):
         super().__init__()
@@ -95,21 +105,38 @@ class TokopsQuantizedLayer(DynamicLayer):
         self.kv = QuantizedKVCache(**self.cache_kwargs)
         self.is_initialized = False
 
+    def _batch_index(self, name: str, index) -> torch.Tensor | None:
+        """``index`` as an int64 row index checked against the batch size (``None``: empty cache)."""
+        return _batch_index(name, index, self.kv._shape[0]) if self.kv.initialized and len(self.kv) else None
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if len(self.kv):
-            self.kv.select_batch(beam_idx)
+        idx = self._batch_index("beam_idx", beam_idx)
+        if idx is not None:
+            self.kv.select_batch(idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if len(self.kv):
-            self.kv.select_batch(indices)
+        idx = self._batch_index("indices", indices)
+        if idx is not None:
+            self.kv.select_batch(idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        check_int("repeats", repeats, min_value=1)
         if len(self.kv):
             B = self.kv._shape[0]
             self.kv.select_batch(torch.arange(B, device=self.kv.device).repeat_interleave(repeats))
 
+    def _crop_length(self, tokens_to_remove: int) -> int:
+        check_int("tokens_to_remove", tokens_to_remove)
+        n = self.kv.seq_length
+        if tokens_to_remove < 0:  # transformers >= 5.2x: remove that many of the last tokens
+            return max(0, n + tokens_to_remove)
+        return n if tokens_to_remove == 0 else tokens_to_remove  # > 0: the legacy absolute max_length
+
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("TokopsQuantizedCache cannot crop quantized tokens (no assisted decoding)")
+        """``tokens_to_remove < 0``: drop the last ``-tokens_to_remove`` tokens; ``0``: no-op; ``> 0``:
+        keep the first ``tokens_to_remove`` tokens (the older ``crop(max_length)`` meaning).  Exact, all
+        or nothing: :meth:`tokops.kv.QuantizedKVCache.truncate`."""
+        self.kv.truncate(self._crop_length(tokens_to_remove))
 
     def offload(self):
         raise NotImplementedError("TokopsQuantizedCache does not support offloading")
@@ -142,11 +169,59 @@ class TokopsQuantizedCache(Cache):
                              f"(or None to add layers as they come)")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    # all-or-nothing batch / length edits: every argument is checked against every layer first
+    def _select_rows(self, name: str, index) -> None:
+        idx = [layer._batch_index(name, index) for layer in self.layers]  # checks every layer first
+        for layer, i in zip(self.layers, idx):
+            if i is not None:
+                layer.kv.select_batch(i)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows("beam_idx", beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows("indices", indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        check_int("repeats", repeats, min_value=1)
+        super().batch_repeat_interleave(repeats)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Roll back every layer (speculative decoding); see :meth:`TokopsQuantizedLayer.crop`."""
+        lengths = [layer._crop_length(tokens_to_remove) for layer in self.layers]
+        for layer, length in zip(self.layers, lengths):
+            layer.kv._check_truncate(length)
+        for layer, length in zip(self.layers, lengths):
+            layer.kv.truncate(length)
+
     def kv_caches(self) -> list[QuantizedKVCache]:
         return [layer.kv for layer in self.layers]
 
     def memory_bytes(self) -> int:
         return sum(c.memory_bytes() for c in self.kv_caches())
+
+
+def _batch_index(name: str, index, batch: int) -> torch.Tensor:
+    """A 1-D int (or bool mask of length ``batch``) row index as int64, every entry in ``[0, batch)``."""
+    if isinstance(index, (list, tuple)):
+        index = torch.tensor(index, dtype=torch.int64)
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D integer tensor, got {type(index).__name__}")
+    if index.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(index.shape)}")
+    if index.dtype == torch.bool:
+        if index.numel() != batch:
+            raise ValueError(f"{name} as a bool mask must have {batch} entries (the batch size), got {index.numel()}")
+        index = index.nonzero().flatten()
+    elif index.dtype.is_floating_point or index.dtype.is_complex:
+        raise TypeError(f"{name} must be an integer tensor, got {index.dtype}")
+    index = index.to(torch.int64)
+    if index.numel() == 0:
+        raise ValueError(f"{name} must select at least one batch row, got an empty index")
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= batch:
+        raise ValueError(f"{name} must hold batch rows in [0, {batch}), got values in [{lo}, {hi}]")
+    return index
 
 
 def _mask_allows_all(mask) -> bool:

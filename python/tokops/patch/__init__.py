@@ -5,7 +5,7 @@
 * :func:`sparse_attention` / ``attn_implementation="tokops_block_sparse"`` — block-sparse
   attention as a transformers attention implementation, driven by a :class:`SparsePolicy`;
 * :func:`quantized_cache` — the KIVI quantized KV cache as a transformers ``Cache``
-  (``model.generate(..., past_key_values=tokops.patch.quantized_cache(...))``).
+  (``model.generate(..., cache=tokops.patch.quantized_cache(...))``; ``past_key_values=`` before transformers 5.2x).
 
 Importing this module needs no model library; each function imports what it patches.
 """
