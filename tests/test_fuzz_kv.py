@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tokops
+from tokops.kv import reference as ref
 
 from oracles import check_fp8_codes, naive_dequantize, naive_fp8, naive_quantize
 
