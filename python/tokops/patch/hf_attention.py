@@ -9,7 +9,9 @@ mask with ``AttentionMaskInterface``). Every attention call builds its block mas
 module's :class:`SparsePolicy`: ``"topk"`` (FlexPrefill / MInference-style content selection:
 mean-pooled q/k per block, :func:`tokops.attention.topk_block_mask`), ``"window"`` (sliding
 window + attention sinks, StreamingLLM; causal models), or ``"full"``. Key padding from the
-attention mask becomes a ``-inf`` key bias, so padded batches stay exact. Causal models
+attention mask becomes a ``-inf`` key bias and the builders' ``valid`` mask (padded key blocks are
+never selected, a fraction ``keep`` counts each row's valid blocks), so in a right-padded batch
+every row gives what it gives alone, for every policy; no host sync. Causal models
 (``module.is_causal``) attend causally.
 """
 
@@ -51,8 +53,16 @@ DEFAULT_POLICY = SparsePolicy()
 
 def key_padding_valid(attention_mask, B: int, Nk: int) -> torch.Tensor | None:
     """Key validity ``(B, Nk)`` bool from a transformers attention mask (2-D 0/1, or 4-D bool /
-    additive); None when nothing is padded. A 4-D mask is read at its last query row, which sees
-    every key that a padded row may see (also for causal masks)."""
+    additive); None when nothing is padded (this reads the mask on the host: one sync; the sparse
+    attention path uses :func:`key_padding_mask`, which does not)."""
+    valid = key_padding_mask(attention_mask, B, Nk)
+    return None if valid is None or bool(valid.all()) else valid
+
+
+def key_padding_mask(attention_mask, B: int, Nk: int) -> torch.Tensor | None:
+    """Key validity ``(B, Nk)`` bool from a transformers attention mask, without a host sync (None
+    only when there is no mask). A 4-D mask is read at its last query row, which sees every key
+    that a padded row may see (also for causal masks)."""
     if attention_mask is None:
         return None
     m = attention_mask
@@ -63,24 +73,29 @@ def key_padding_valid(attention_mask, B: int, Nk: int) -> torch.Tensor | None:
         valid = m.bool()
     else:
         raise ValueError(f"attention_mask: expected a 2-D or 4-D mask, got shape {tuple(attention_mask.shape)}")
-    valid = valid[:, -Nk:].expand(B, Nk)
-    return None if bool(valid.all()) else valid.contiguous()
+    return valid[:, -Nk:].expand(B, Nk).contiguous()
 
 
-def _key_padding_bias(attention_mask, B: int, Nk: int) -> torch.Tensor | None:
-    """fp32 ``(B, Nk)`` bias: 0 for real keys, -inf for padding; None when nothing is padded."""
-    valid = key_padding_valid(attention_mask, B, Nk)
+def _key_padding_bias(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """fp32 ``(B, Nk)`` bias: 0 for real keys, -inf for padding; None without a mask."""
     return None if valid is None else torch.where(valid, 0.0, float("-inf")).to(torch.float32).contiguous()
 
 
-def block_mask_for(policy: SparsePolicy, q: torch.Tensor, k: torch.Tensor, causal: bool):
-    """The block mask that ``policy`` gives for ``q: (B, H, Nq, D)``, ``k: (B, H_kv, Nk, D)``."""
+def block_mask_for(policy: SparsePolicy, q: torch.Tensor, k: torch.Tensor, causal: bool,
+                   valid: torch.Tensor | None = None):
+    """The block mask that ``policy`` gives for ``q: (B, H, Nq, D)``, ``k: (B, H_kv, Nk, D)``.
+
+    ``valid: (B, Nk)`` key padding: padded key blocks are never selected, a fraction ``keep``
+    counts each row's valid blocks, and (right padding) every row gets the blocks it gets alone."""
     Nq, Nk = q.shape[2], k.shape[2]
     if policy.kind == "full":
-        return None
+        if valid is None:
+            return None
+        return tka.full_block_mask(Nq, Nk, block_q=policy.block, valid=valid)
     if policy.kind == "window":
-        return tka.sliding_window_mask(Nq, policy.window, policy.sinks, Nk, block_q=policy.block, device=q.device)
-    return tka.topk_block_mask(q, k, policy.keep, block_q=policy.block, causal=causal)
+        return tka.sliding_window_mask(Nq, policy.window, policy.sinks, Nk, block_q=policy.block, device=q.device,
+                                       valid=valid)
+    return tka.topk_block_mask(q, k, policy.keep, block_q=policy.block, causal=causal, valid=valid)
 
 
 def tokops_block_sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -90,8 +105,9 @@ def tokops_block_sparse_attention_forward(module, query, key, value, attention_m
     policy = getattr(module, "tokops_sparse_policy", DEFAULT_POLICY)
     causal = bool(getattr(module, "is_causal", False)) and query.shape[2] > 1
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
-    bias = _key_padding_bias(attention_mask, q.shape[0], k.shape[2])
-    mask = block_mask_for(policy, q, k, causal)
+    valid = key_padding_mask(attention_mask, q.shape[0], k.shape[2])
+    bias = _key_padding_bias(valid)
+    mask = block_mask_for(policy, q, k, causal, valid)
     out = tka.block_sparse_attention(q, k, v, mask, causal=causal, scale=scaling, key_bias=bias,
                                      backend=policy.backend)
     return out.transpose(1, 2).contiguous(), None
