@@ -149,3 +149,83 @@ def test_sparse_policy_padded_batch_rows_match_single_rows(policy):
         for i, n in enumerate(lens):
             alone = model(input_ids=ids[i:i + 1, :n]).last_hidden_state
             torch.testing.assert_close(batch[i:i + 1, :n], alone, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- length-safe ToMe: the op
+from tokops.merge import reference as R  # noqa: E402
+
+M = tokops.merge
+
+
+def _metric_valid(B, N, C, lengths, seed, prefix=True):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(4, C, generator=g)  # a few clusters, so that similarities spread over [-1, 1]
+    metric = base[torch.randint(0, 4, (B, N), generator=g)] + 0.6 * torch.randn(B, N, C, generator=g)
+    if prefix:
+        valid = torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]
+    else:
+        valid = torch.rand(B, N, generator=g) < 0.7
+        valid[:, 0] = True
+    return metric.masked_fill(~valid[..., None], 0.0), valid
+
+
+@pytest.mark.parametrize("r,cls,threshold,min_keep,prefix", [
+    (8, True, 0.5, None, True), (0.5, False, 0.3, None, False), (0.5, True, 0.7, None, True),
+    (6, True, None, 12, True), (0.5, False, None, "rows", False), (0.5, True, 0.4, "rows", True),
+    (1.0, True, -1.0, None, True), (0.5, True, 1.0, None, False)])
+def test_threshold_and_min_keep_match_reference(backend_device, r, cls, threshold, min_keep, prefix):
+    backend, device = backend_device
+    B, N, C = 5, 31, 16
+    lengths = [31, 20, 13, 4, 1]
+    metric, valid = _metric_valid(B, N, C, lengths, seed=7 + int(10 * r) + 3 * cls, prefix=prefix)
+    if min_keep == "rows":
+        min_keep = torch.tensor([25, 6, 11, 0, 3])
+    mk = min_keep.to(device) if isinstance(min_keep, torch.Tensor) else min_keep
+    x = torch.randn(B, N, 6, generator=torch.Generator().manual_seed(2))
+    m = M.bipartite_soft_matching(metric.to(device), r, cls, valid=valid.to(device), backend=backend,
+                                  min_keep=mk, threshold=threshold)
+    groups = R.padded_groups(metric, valid, r, cls, min_keep=min_keep, threshold=threshold)
+    n_keep = [len(g) for g in groups]
+    assert m.n_out == max(n_keep)
+    assert m.valid.cpu().tolist() == [[o < k for o in range(m.n_out)] for k in n_keep]
+    mb = "triton" if backend == "cuda" else backend
+    wx, size = M.merge_wavg(m, x.to(device), backend=mb)
+    torch.testing.assert_close(wx.cpu(), R.apply_groups(groups, x, m.n_out, "mean"), atol=1e-5, rtol=1e-5)
+    if isinstance(min_keep, int):
+        assert all(k >= min(min_keep, L) for k, L in zip(n_keep, valid.sum(1).tolist()))
+    if threshold is not None and threshold >= 1.0:
+        assert n_keep == valid.sum(1).tolist()  # nothing is that similar: identity on every row
+    if prefix:  # a padded row merges what it merges alone (no valid mask: the same per-row rule)
+        for b, L in enumerate(lengths):
+            mk_b = min_keep[b:b + 1].to(device) if isinstance(min_keep, torch.Tensor) else min_keep
+            alone = M.bipartite_soft_matching(metric[b:b + 1, :L].to(device), r, cls, backend=backend,
+                                              min_keep=mk_b, threshold=threshold)
+            xa = x[b:b + 1, :L].to(device)
+            got = M.merge(m, x.to(device), backend=mb).cpu()[b:b + 1, :n_keep[b]]
+            exp = M.merge(alone, xa, backend=mb).cpu()
+            exp = exp[:, :n_keep[b]] if alone.valid is not None else exp
+            torch.testing.assert_close(got, exp, atol=1e-6, rtol=1e-6)
+
+
+def test_threshold_without_valid_and_min_keep_int_fast_path(backend_device):
+    backend, device = backend_device
+    metric, valid = _metric_valid(3, 24, 8, [24, 24, 24], seed=3)
+    metric = metric.to(device)
+    m = M.bipartite_soft_matching(metric, 0.5, True, backend=backend, threshold=0.6)
+    groups = R.padded_groups(metric.cpu(), valid, 0.5, True, threshold=0.6)
+    assert m.valid is not None and m.valid.sum(1).cpu().tolist() == [len(g) for g in groups]
+    a = M.bipartite_soft_matching(metric, 10, True, backend=backend, min_keep=18)
+    assert a.valid is None and a.r == 6 and a.n_out == 18  # int floor keeps the unpadded fast path
+    assert M.bipartite_soft_matching(metric, 10, True, backend=backend, min_keep=24).is_identity
+
+
+def test_length_safety_bad_input():
+    metric = torch.randn(2, 10, 4)
+    with pytest.raises(ValueError, match="threshold must be a cosine similarity in"):
+        M.bipartite_soft_matching(metric, 2, threshold=1.5)
+    with pytest.raises(TypeError, match="threshold must be a float"):
+        M.bipartite_soft_matching(metric, 2, threshold="0.5")
+    with pytest.raises(ValueError, match="min_keep"):
+        M.bipartite_soft_matching(metric, 2, min_keep=-1)
+    with pytest.raises(ValueError, match="min_keep"):
+        M.bipartite_soft_matching(metric, 2, min_keep=torch.tensor([1, 2, 3]))
