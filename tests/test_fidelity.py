@@ -1,6 +1,7 @@
 """Real-model fidelity (issue 11): padding-aware mask builders and sparse policies, length-safe ToMe."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -229,3 +230,121 @@ def test_length_safety_bad_input():
         M.bipartite_soft_matching(metric, 2, min_keep=-1)
     with pytest.raises(ValueError, match="min_keep"):
         M.bipartite_soft_matching(metric, 2, min_keep=torch.tensor([1, 2, 3]))
+
+
+# --------------------------------------------------------------------------- length-safe ToMe: the patch
+from tokops.merge import reference as mref  # noqa: E402
+
+
+@torch.no_grad()
+def _ref_bert_tome_rows(model, ids, rule):
+    """One unpadded row through BERT with reference ToMe; ``rule(layer, n, node_max)`` gives r."""
+    x = model.embeddings(input_ids=ids)
+    size = torch.ones_like(x[..., :1])
+    ms, counts = [], []
+    for i, layer in enumerate(model.encoder.layer):
+        sa = layer.attention.self
+        B, N, _ = x.shape
+        H, D = sa.num_attention_heads, sa.attention_head_size
+        q, k, v = (f(x).view(B, N, H, D).transpose(1, 2) for f in (sa.query, sa.key, sa.value))
+        logits = q @ k.transpose(-1, -2) * D ** -0.5 + size[..., 0].log()[:, None, None, :]
+        ctx = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, H * D)
+        a = layer.attention.output(ctx, x)
+        metric = k.transpose(1, 2).mean(2)
+        node_max = mref._scores(metric, True, False, torch.float32).max(-1).values[0]
+        m = mref.bipartite_soft_matching(metric, rule(i, N, node_max), class_token=True, score_dtype=torch.float32)
+        a, size = mref.merge_wavg(m, a, size)
+        ms.append(m)
+        x = layer.output(layer.intermediate(a), a)
+        counts.append(x.shape[1])
+    for m in reversed(ms):
+        x = mref.unmerge(m, x)
+    return x, counts
+
+
+def _bert_eager(layers=3, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=160)
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval().float()
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(r=0.25, min_tokens=20, max_merged=None),  # per-layer fraction with a floor
+    dict(r=10, min_tokens=0, max_merged=0.3),  # fixed r with a total cap
+    dict(r=0.4, r_mode="total", min_tokens=0, max_merged=None),  # total budget, evenly spread
+    dict(r=9, r_mode="total", min_tokens=0, max_merged=None),  # total count
+    dict(r=1.0, threshold=0.3, min_tokens=0, max_merged=None),  # similarity threshold only
+    dict(r=5, threshold=0.2, min_tokens=12, max_merged=0.5),  # everything together
+    dict(),  # the text-encoder defaults
+])
+def test_tome_length_safety_matches_reference_and_padded_rows(cfg):
+    model = _bert_eager()
+    N, lens = 60, [60, 33, 14]
+    ids = _ids(3, N, seed=4)
+    tp.tome(model, **cfg)
+    st = model._tome_state
+    r, mode = st.r, st.r_mode
+    tau = st.threshold
+
+    def rule(layer, n, node_max, n0):
+        floors = [st.min_tokens]
+        if st.max_merged is not None:
+            floors.append(math.ceil((1 - st.max_merged) * n0))
+        if mode == "total":
+            total = r * n0 if isinstance(r, float) else r
+            floors.append(n0 - math.floor(total * (layer + 1) / 3))
+            want = n
+        else:
+            want = r if isinstance(r, int) else math.floor(r * n)
+        want = min(want, (n - 1) // 2, max(0, n - max(floors)))
+        if tau is not None:
+            want = min(want, int((node_max >= tau).sum()))
+        return max(0, want)
+
+    mask = _right_padded(lens, N).long()
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    rows_after = torch.stack(st.row_tokens, 1)
+    for b, n in enumerate(lens):
+        with torch.no_grad():
+            alone = model(input_ids=ids[b:b + 1, :n]).last_hidden_state
+        torch.testing.assert_close(batch[b:b + 1, :n], alone, atol=1e-5, rtol=1e-5)
+        exp, counts = _ref_bert_tome_rows(model, ids[b:b + 1, :n], lambda i, m, nm: rule(i, m, nm, n))
+        torch.testing.assert_close(alone, exp, atol=1e-4, rtol=1e-4)
+        assert rows_after[b].tolist() == counts, (b, counts)
+        if st.min_tokens:
+            assert min(counts) >= min(st.min_tokens, n)
+        if st.max_merged is not None:
+            assert counts[-1] >= math.ceil((1 - st.max_merged) * n)
+
+
+def test_tome_text_defaults_protect_short_inputs():
+    model = tp.tome(_bert_eager(layers=6))
+    st = model._tome_state
+    d = sys.modules["tokops.patch.tome"].TEXT_DEFAULTS
+    assert (st.r, st.r_mode, st.min_tokens, st.max_merged) == (d["r"], d["r_mode"], d["min_tokens"], d["max_merged"])
+    with torch.no_grad():
+        model(input_ids=_ids(1, 12))
+    assert [int(t) for t in st.row_tokens] == [12] * 6  # below the floor: nothing merged
+    with torch.no_grad():
+        model(input_ids=_ids(1, 120))
+    assert int(st.row_tokens[-1]) == 120 - math.floor(120 * st.r)
+    # plain ToMe on request; ViTs keep plain fixed r by default
+    plain = tp.tome(_bert_eager(layers=6), 4, min_tokens=0, max_merged=None)
+    with torch.no_grad():
+        plain(input_ids=_ids(1, 12))
+    assert [int(t) for t in plain._tome_state.row_tokens][-1] < 12
+
+
+def test_tome_length_safety_bad_input():
+    with pytest.raises(ValueError, match="r_mode must be one of"):
+        tp.tome(_bert_eager(), 4, r_mode="sometimes")
+    with pytest.raises(ValueError, match="r_mode='total' needs"):
+        tp.tome(_bert_eager(), [1, 2, 3], r_mode="total")
+    with pytest.raises(ValueError, match="min_tokens must be"):
+        tp.tome(_bert_eager(), 4, min_tokens=-2)
+    with pytest.raises(ValueError, match="max_merged must be"):
+        tp.tome(_bert_eager(), 4, max_merged=1.5)
+    with pytest.raises(ValueError, match="threshold must be"):
+        tp.tome(_bert_eager(), 4, threshold=2.0)
