@@ -11,10 +11,11 @@ of the facts (distractors), so the unmodified model is below 100%. Documents and
 in padded batches of 32 (``--mixed``: shuffled into the same batches, so short rows carry ~220
 padding tokens — the harder case for padding handling, about 4x the work on CPU).
 
-Variants: the unmodified model; ToMe (``tokops.patch.tome``): the defaults, plain fixed ``r`` and
-per-layer fractions without the length safety (what fails), a threshold variant; block-sparse
-attention (``tokops.patch.sparse_attention``): the default top-k policy and others; KV round-trips
-(keys/values quantized KIVI-style and dequantized in every layer).
+Variants: the unmodified model; ToMe (``tokops.patch.tome``): the default, and plain fixed ``r`` /
+per-layer fractions without the length safety (what fails on short inputs); block-sparse attention
+(``tokops.patch.sparse_attention``): the default top-k policy and the previous default; an int4 KV
+round-trip (keys/values quantized KIVI-style and dequantized in every layer). ``--quick``: the
+unmodified model, the two defaults and int4 KV.
 
 Reported per variant, for short (queries) and long (documents) inputs separately: retrieval top-1
 (both sides modified; and with only the documents / only the queries modified), mean cosine to the
@@ -108,18 +109,26 @@ _TRIPS = [("the coast of Portugal", "the Portuguese seaside"), ("a monastery in 
           ("the lakes of Finland", "Finnish lake country"), ("a jazz festival in New Orleans", "a music festival in Louisiana"),
           ("the deserts of Morocco", "the Moroccan sand dunes"), ("an island in Scotland", "a Scottish isle"),
           ("the forests of Canada", "Canadian woodland"), ("a temple town in Japan", "a Japanese shrine village")]
-_FILLER = ["The house is small, with a kitchen that opens onto a narrow garden.",
-           "Most days start early, long before the streets get busy.",
-           "Friends often drop by in the afternoon for tea and conversation.",
-           "There is a shelf of old photographs in the hallway, mostly of relatives.",
-           "The winters there are long, and the summers pass quickly.",
-           "A neighbour once said that the lights in that window are always the last to go out.",
-           "Letters arrive every week from cousins who moved abroad years ago.",
-           "The local market on Saturdays is where most of the news gets shared.",
-           "Nobody remembers exactly when the tradition of the Sunday walk began.",
-           "The roof was repaired last year after a long argument with the landlord.",
-           "A radio in the kitchen plays quietly most of the day.",
-           "Visitors usually comment on the view from the upstairs window."]
+_FILLER = ["The house on {street} has a {color} door and a kitchen that opens onto a narrow garden.",
+           "{name}'s {relative} lives in {city} and calls every {day}.",
+           "A {color} van parked outside belongs to a cousin who visits each {month}.",
+           "There are {n} old photographs in the hallway, mostly of relatives from {city}.",
+           "Friends drop by on {day} afternoons for tea, usually bringing {snack}.",
+           "The roof on {street} was repaired in {month} after a long argument with the landlord.",
+           "Letters arrive from {city} every few weeks, always written in {color} ink.",
+           "The market on {day} is where {name} hears most of the news about {street}.",
+           "A radio in the kitchen is tuned to a station from {city} most of the day.",
+           "{name} has kept a diary since the age of {n}, one notebook per year."]
+_SLOTS = {"street": ["Mill Lane", "Harbour Road", "Church Street", "Elm Avenue", "Station Road", "Quarry Hill",
+                     "Bakers Row", "Orchard Close", "Canal Walk", "Ferry Street", "Lark Rise", "Kings Yard"],
+          "color": ["green", "red", "yellow", "blue", "purple", "orange", "grey", "white", "black", "brown"],
+          "relative": ["younger brother", "older sister", "grandmother", "uncle", "niece", "cousin"],
+          "city": ["Warsaw", "Dublin", "Lagos", "Hanoi", "Quito", "Tbilisi", "Perth", "Bergen", "Porto", "Cork",
+                   "Seville", "Kraków", "Nairobi", "Valparaíso"],
+          "day": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
+          "month": ["January", "March", "May", "July", "September", "November"],
+          "snack": ["almond biscuits", "fresh figs", "a lemon cake", "salted pretzels", "honey buns"],
+          "n": [str(k) for k in range(7, 60)]}
 # (fields, template): each query names three facts of its profile, partly reworded
 _QUERY_TEMPLATES = [
     (("job", "place", "hobby"), "Is there {job0} in {place0} who spends the evenings {hobby1}?"),
@@ -157,7 +166,8 @@ def make_retrieval_corpus(n_docs: int, seed: int = 0) -> tuple[list[str], list[s
                  f"The dish {name} is proudest of is {a['food'][0]}, made from a family recipe.",
                  f"Every summer {name} takes a trip to {a['trip'][0]} and comes back with stories.",
                  f"Neighbours say that {name} knows every path and every person in {a['place'][0]}."]
-        body = facts + rng.sample(_FILLER, 7)
+        slots = {k: rng.choice(v) for k, v in _SLOTS.items()}
+        body = facts + [f.format(name=name, **slots) for f in rng.sample(_FILLER, 6)]
         rng.shuffle(body)
         docs.append(" ".join([f"{name} is {a['job'][0]} who has lived in {a['place'][0]} for {years} years."] + body))
         for fields, tpl in _QUERY_TEMPLATES:
@@ -212,19 +222,15 @@ def _variants(quick: bool):
     import tokops.patch as tp
 
     v = [("baseline", "unmodified model", None)]
-    v.append(("tome", "ToMe default (tome(model): 35% total, floors)", lambda m: tp.tome(m)))
+    v.append(("tome", "ToMe default: tome(model)", lambda m: tp.tome(m)))
     if not quick:
         v.append(("tome", "ToMe r=4/layer, no floor", lambda m: tp.tome(m, 4, min_tokens=0, max_merged=None)))
         v.append(("tome", "ToMe r=0.25/layer, no floor", lambda m: tp.tome(m, 0.25, min_tokens=0, max_merged=None)))
-        v.append(("tome", "ToMe 50% total, floors", lambda m: tp.tome(m, 0.5, r_mode="total")))
-        v.append(("tome", "ToMe threshold 0.9 (r<=1/2 per layer)", lambda m: tp.tome(m, 1.0, threshold=0.9)))
-    v.append(("sparse", "top-k default (SparsePolicy())", lambda m: tp.sparse_attention(m)))
+    v.append(("sparse", "top-k default: SparsePolicy()", lambda m: tp.sparse_attention(m)))
     if not quick:
-        v.append(("sparse", "top-k keep 0.5, block 16", lambda m: tp.sparse_attention(
-            m, tp.SparsePolicy("topk", keep=0.5, block=16))))
-        v.append(("sparse", "top-k keep 0.25, block 32", lambda m: tp.sparse_attention(
-            m, tp.SparsePolicy("topk", keep=0.25, block=32))))
-    for bits in ([4] if quick else [8, 4, 2]):
+        v.append(("sparse", "top-k keep 0.5, block 64", lambda m: tp.sparse_attention(
+            m, tp.SparsePolicy("topk", keep=0.5, block=64))))
+    for bits in [4]:
         v.append(("kv", f"KV int{bits} round-trip", bits))
     return v
 

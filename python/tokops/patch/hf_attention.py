@@ -31,14 +31,20 @@ POLICIES = ("topk", "window", "full")
 class SparsePolicy:
     """How each attention call chooses its key blocks.
 
-    ``kind``: ``"topk"`` keeps ``keep`` key blocks per query block (int count or float fraction);
-    ``"window"`` keeps a causal window of ``window`` keys plus ``sinks`` first keys; ``"full"``
-    keeps every block. ``block``: block size (64 or 128 recommended; a power of two >= 16).
+    ``kind``: ``"topk"`` keeps ``keep`` key blocks per query block (int count or float fraction of
+    each row's valid key blocks); ``"window"`` keeps a causal window of ``window`` keys plus
+    ``sinks`` first keys; ``"full"`` keeps every block. ``block``: block size (a power of two >= 16).
+
+    Defaults (``keep=0.7, block=16``) were chosen on the retrieval task of ``python -m tokops.demo``
+    (README "Demo and defaults"): the old ``keep=0.5, block=64`` lost 12 points of top-1 there,
+    ``keep=0.7`` with 32-token blocks 3 points, with 16-token blocks none, while skipping ~27% of
+    the key blocks of ~240-token inputs. Inputs of one block (short queries) stay dense. For long
+    causal LLM prompts on a GPU, larger blocks (64/128) and smaller ``keep`` are the usual choice.
     """
 
     kind: str = "topk"
-    keep: int | float = 0.5
-    block: int = 64
+    keep: int | float = 0.7
+    block: int = 16
     window: int = 256
     sinks: int = 4
     backend: str = "auto"
