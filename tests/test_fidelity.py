@@ -237,7 +237,7 @@ from tokops.merge import reference as mref  # noqa: E402
 
 
 @torch.no_grad()
-def _ref_bert_tome_rows(model, ids, rule):
+def _ref_bert_tome_rows(model, ids, rule, prop_attn=True):
     """One unpadded row through BERT with reference ToMe; ``rule(layer, n, node_max)`` gives r."""
     x = model.embeddings(input_ids=ids)
     size = torch.ones_like(x[..., :1])
@@ -247,7 +247,9 @@ def _ref_bert_tome_rows(model, ids, rule):
         B, N, _ = x.shape
         H, D = sa.num_attention_heads, sa.attention_head_size
         q, k, v = (f(x).view(B, N, H, D).transpose(1, 2) for f in (sa.query, sa.key, sa.value))
-        logits = q @ k.transpose(-1, -2) * D ** -0.5 + size[..., 0].log()[:, None, None, :]
+        logits = q @ k.transpose(-1, -2) * D ** -0.5
+        if prop_attn:
+            logits = logits + size[..., 0].log()[:, None, None, :]
         ctx = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, H * D)
         a = layer.attention.output(ctx, x)
         metric = k.transpose(1, 2).mean(2)
@@ -275,7 +277,7 @@ def _bert_eager(layers=3, seed=0):
     dict(r=0.4, r_mode="total", min_tokens=0, max_merged=None),  # total budget, evenly spread
     dict(r=9, r_mode="total", min_tokens=0, max_merged=None),  # total count
     dict(r=1.0, threshold=0.3, min_tokens=0, max_merged=None),  # similarity threshold only
-    dict(r=5, threshold=0.2, min_tokens=12, max_merged=0.5),  # everything together
+    dict(r=5, threshold=0.2, min_tokens=12, max_merged=0.5, prop_attn=True),  # everything, proportional attn
     dict(),  # the text-encoder defaults
 ])
 def test_tome_length_safety_matches_reference_and_padded_rows(cfg):
@@ -310,7 +312,7 @@ def test_tome_length_safety_matches_reference_and_padded_rows(cfg):
         with torch.no_grad():
             alone = model(input_ids=ids[b:b + 1, :n]).last_hidden_state
         torch.testing.assert_close(batch[b:b + 1, :n], alone, atol=1e-5, rtol=1e-5)
-        exp, counts = _ref_bert_tome_rows(model, ids[b:b + 1, :n], lambda i, m, nm: rule(i, m, nm, n))
+        exp, counts = _ref_bert_tome_rows(model, ids[b:b + 1, :n], lambda i, m, nm: rule(i, m, nm, n), st.prop_attn)
         torch.testing.assert_close(alone, exp, atol=1e-4, rtol=1e-4)
         assert rows_after[b].tolist() == counts, (b, counts)
         if st.min_tokens:
@@ -323,7 +325,8 @@ def test_tome_text_defaults_protect_short_inputs():
     model = tp.tome(_bert_eager(layers=6))
     st = model._tome_state
     d = sys.modules["tokops.patch.tome"].TEXT_DEFAULTS
-    assert (st.r, st.r_mode, st.min_tokens, st.max_merged) == (d["r"], d["r_mode"], d["min_tokens"], d["max_merged"])
+    assert (st.r, st.r_mode, st.min_tokens, st.max_merged, st.prop_attn) == (
+        d["r"], d["r_mode"], d["min_tokens"], d["max_merged"], d["prop_attn"])
     with torch.no_grad():
         model(input_ids=_ids(1, 12))
     assert [int(t) for t in st.row_tokens] == [12] * 6  # below the floor: nothing merged
@@ -348,3 +351,5 @@ def test_tome_length_safety_bad_input():
         tp.tome(_bert_eager(), 4, max_merged=1.5)
     with pytest.raises(ValueError, match="threshold must be"):
         tp.tome(_bert_eager(), 4, threshold=2.0)
+    with pytest.raises(TypeError, match="prop_attn must be"):
+        tp.tome(_bert_eager(), 4, prop_attn="yes")

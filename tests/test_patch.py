@@ -53,7 +53,7 @@ def test_tome_bert_matches_reference(r):
     ids = _ids(2, 37)
     with torch.no_grad():
         base = model(input_ids=ids).last_hidden_state
-    tp.tome(model, r, min_tokens=0, max_merged=None)  # plain ToMe (text encoders get length floors by default)
+    tp.tome(model, r, min_tokens=0, max_merged=None, prop_attn=True)  # plain ToMe (text defaults differ)
     with torch.no_grad():
         got = model(input_ids=ids).last_hidden_state
     assert got.shape == base.shape

@@ -316,9 +316,10 @@ def _target_inner(model, kind):
 # Defaults for text encoders (BERT-style), chosen on the short-query / long-document retrieval task of
 # ``python -m tokops.demo`` (README "Demo and defaults"): merge 30% of each row's valid tokens in total,
 # spread evenly over the layers; rows never drop below 32 tokens (short queries stay unmerged: merging
-# them cost 3 points of top-1 on the demo) and never lose more than 50% of their tokens.
-TEXT_DEFAULTS = {"r": 0.3, "r_mode": "total", "min_tokens": 32, "max_merged": 0.5}
-VISION_DEFAULTS = {"r": 8, "r_mode": "layer", "min_tokens": 0, "max_merged": None}
+# them cost 3 points of top-1 on the demo) and never lose more than 50% of their tokens; no
+# proportional attention (with it the same merges cost 6 points on the demo; without it none).
+TEXT_DEFAULTS = {"r": 0.3, "r_mode": "total", "min_tokens": 32, "max_merged": 0.5, "prop_attn": False}
+VISION_DEFAULTS = {"r": 8, "r_mode": "layer", "min_tokens": 0, "max_merged": None, "prop_attn": True}
 R_MODES = ("layer", "total")
 
 
@@ -350,7 +351,7 @@ def _length_safety_args(kind: str, r, r_mode, min_tokens, max_merged, threshold,
 
 
 def tome(model: torch.nn.Module, r: int | float | list | None = None, *, class_token: bool = True,
-         prop_attn: bool = True, unmerge_output: bool = True, backend: str = "auto", r_mode: str = "auto",
+         prop_attn: bool | str = "auto", unmerge_output: bool = True, backend: str = "auto", r_mode: str = "auto",
          min_tokens: int | str | None = "auto", max_merged: float | str | None = "auto",
          threshold: float | None = None) -> torch.nn.Module:
     """Apply ToMe to ``model`` in place (and return it).
@@ -369,7 +370,8 @@ def tome(model: torch.nn.Module, r: int | float | list | None = None, *, class_t
     then the most per layer, e.g. ``r=1.0`` with ``r_mode="layer"``). Pass ``min_tokens=0,
     max_merged=None`` for plain ToMe.
     ``class_token``: never merge token 0 (CLS). ``prop_attn``: add ``log(size)`` to the attention
-    logits. ``unmerge_output``: restore the input length at the encoder output. Per-row valid
+    logits (``"auto"``: on for ViTs, as in ToMe; off for text encoders, where it cost accuracy on
+    the demo task). ``unmerge_output``: restore the input length at the encoder output. Per-row valid
     token counts after each layer are in ``model._tome_state.row_tokens`` after a forward.
     Call :func:`unpatch_tome` to restore the original forward.
     """
@@ -378,6 +380,10 @@ def tome(model: torch.nn.Module, r: int | float | list | None = None, *, class_t
     _layers = {"timm": lambda: target.blocks, "vit": lambda: _vit_layers(target), "bert": lambda: target.layer}[kind]()
     safety = _length_safety_args(kind, r, r_mode, min_tokens, max_merged, threshold, len(_layers))
     r = safety.pop("r")
+    if isinstance(prop_attn, str) and prop_attn == "auto":
+        prop_attn = (TEXT_DEFAULTS if kind == "bert" else VISION_DEFAULTS)["prop_attn"]
+    if not isinstance(prop_attn, bool):
+        raise TypeError(f"prop_attn must be a bool or 'auto', got {prop_attn!r}")
     if isinstance(r, bool) or not isinstance(r, (int, float, list, tuple)):
         raise TypeError(f"r must be an int, a float fraction or a list per layer, got {type(r).__name__}")
     layers = {"timm": lambda: target.blocks, "vit": lambda: _vit_layers(target), "bert": lambda: target.layer}[kind]()
