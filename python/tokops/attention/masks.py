@@ -20,7 +20,6 @@ iff ``j <= i + (k_len - q_len)``; for ``q_len == k_len`` that is the usual ``j <
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -255,6 +254,56 @@ def as_block_mask(mask, q_len: int, k_len: int, block_q: int | None = None, bloc
     return BlockMask.from_dense(mask, block_q, block_k, q_len, k_len)
 
 
+
+# --------------------------------------------------------------------------- key padding (valid masks)
+def _check_valid(valid, k_len: int, B: int | None = None) -> torch.Tensor:
+    """``valid: (B, k_len)`` bool key validity (``True`` = a real key)."""
+    if not isinstance(valid, torch.Tensor):
+        raise TypeError(f"valid must be a bool tensor (B, Nk), got {type(valid).__name__}")
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must have dtype bool, got {str(valid.dtype).replace('torch.', '')}")
+    if valid.dim() != 2 or valid.shape[1] != k_len or (B is not None and valid.shape[0] != B):
+        want = f"({'B' if B is None else B}, {k_len})"
+        raise ValueError(f"valid must have shape {want} (batch, keys), got {tuple(valid.shape)}")
+    return valid
+
+
+def _query_valid(valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Query validity ``(B, q_len)`` from key validity, bottom-right aligned (query ``i`` is the token
+    at key position ``i + k_len - q_len``; queries before the first key count as valid)."""
+    k_len = valid.shape[1]
+    if q_len <= k_len:
+        return valid[:, k_len - q_len:]
+    return torch.cat([valid.new_ones(valid.shape[0], q_len - k_len), valid], 1)
+
+
+def _block_any(valid: torch.Tensor, block: int) -> torch.Tensor:
+    """``(B, N)`` bool -> ``(B, ceil(N / block))``: the block holds at least one True."""
+    n = valid.shape[-1]
+    nb = _cdiv(n, block)
+    return torch.nn.functional.pad(valid, (0, nb * block - n)).unflatten(-1, (nb, block)).any(-1)
+
+
+def _restrict_to_valid(dense: torch.Tensor, valid: torch.Tensor, q_len: int, k_len: int, block_q: int,
+                       block_k: int, eligible: torch.Tensor | None) -> torch.Tensor:
+    """Apply key padding to a block mask ``(1 or B, H, nQ, nK)`` -> ``(B, H, nQ, nK)``: key blocks
+    without a valid key are dropped, query blocks without a valid query keep nothing, and a query
+    block holding a valid query that would keep no valid key block gets one: the last ``eligible``
+    (``(nQ, nK)``, causal) block holding a valid key, else (``eligible=None``) the first valid one."""
+    kb = _block_any(valid, block_k)[:, None, None, :]  # (B, 1, 1, nK)
+    qb = _block_any(_query_valid(valid, q_len), block_q)[:, None, :, None]  # (B, 1, nQ, 1)
+    dense = dense & kb & qb
+    cand = kb & qb if eligible is None else kb & qb & eligible
+    nk = kb.shape[-1]
+    ar = torch.arange(nk, device=valid.device)
+    pos = torch.where(cand, ar if eligible is not None else nk - 1 - ar, -1)  # pick last (causal) / first
+    best = pos.amax(-1, keepdim=True)
+    col = best if eligible is not None else nk - 1 - best
+    fallback = (ar == col) & (best >= 0)
+    empty = ~dense.any(-1, keepdim=True)
+    return dense | (fallback & empty)
+
+
 # --------------------------------------------------------------------------- builders
 def _grid(q_len, k_len, block_q, block_k, device):
     _check_blocks(block_q, block_k)
@@ -269,52 +318,88 @@ def _grid(q_len, k_len, block_q, block_k, device):
 
 
 def full_block_mask(q_len: int, k_len: int | None = None, *, block_q: int = DEFAULT_BLOCK,
-                    block_k: int | None = None, device=None) -> BlockMask:
-    """Every query block attends to every key block (B = H = 1)."""
+                    block_k: int | None = None, device=None, valid: torch.Tensor | None = None) -> BlockMask:
+    """Every query block attends to every key block (B = H = 1).
+
+    ``valid: (B, Nk)`` bool key validity (padded batches): every block holding a valid key, for the
+    query blocks holding a valid query; the mask is then ``(B, 1, nQ, nK)``."""
     k_len = q_len if k_len is None else k_len
     block_k = block_q if block_k is None else block_k
+    if valid is not None:
+        device = _check_valid(valid, k_len).device
     q_lo, _, k_lo, _ = _grid(q_len, k_len, block_q, block_k, device)
-    dense = torch.ones(q_lo.shape[0], k_lo.shape[0], dtype=torch.bool, device=device)
-    return BlockMask.from_dense(dense[None, None], block_q, block_k, q_len, k_len)
+    dense = torch.ones(1, 1, q_lo.shape[0], k_lo.shape[0], dtype=torch.bool, device=device)
+    if valid is not None:
+        dense = _restrict_to_valid(dense, valid, q_len, k_len, block_q, block_k, None)
+    return BlockMask.from_dense(dense, block_q, block_k, q_len, k_len)
 
 
 def causal_block_mask(q_len: int, k_len: int | None = None, *, block_q: int = DEFAULT_BLOCK,
-                      block_k: int | None = None, device=None) -> BlockMask:
-    """Blocks with at least one causal pair (bottom-right aligned); use with ``causal=True``."""
+                      block_k: int | None = None, device=None, valid: torch.Tensor | None = None) -> BlockMask:
+    """Blocks with at least one causal pair (bottom-right aligned); use with ``causal=True``.
+
+    ``valid: (B, Nk)`` bool key validity (padded batches): key blocks without a valid key are
+    dropped and query blocks without a valid query keep nothing; the mask is then ``(B, 1, nQ, nK)``.
+    """
     k_len = q_len if k_len is None else k_len
     block_k = block_q if block_k is None else block_k
+    if valid is not None:
+        device = _check_valid(valid, k_len).device
     q_lo, q_hi, k_lo, k_hi = _grid(q_len, k_len, block_q, block_k, device)
-    dense = k_lo <= q_hi + (k_len - q_len)
-    return BlockMask.from_dense(dense[None, None], block_q, block_k, q_len, k_len)
+    dense = (k_lo <= q_hi + (k_len - q_len))[None, None]
+    if valid is not None:
+        dense = _restrict_to_valid(dense, valid, q_len, k_len, block_q, block_k, dense[0, 0])
+    return BlockMask.from_dense(dense, block_q, block_k, q_len, k_len)
 
 
-def _window_dense(q_len, k_len, window, sinks, block_q, block_k, device):
+def _window_dense(q_len, k_len, window, sinks, block_q, block_k, device, valid=None):
+    """``(nQ, nK)`` window + sinks blocks; with ``valid (B, Nk)`` the sinks are the first ``sinks``
+    *valid* keys of each row and the result is ``(B, 1, nQ, nK)`` restricted to valid blocks."""
     q_lo, q_hi, k_lo, k_hi = _grid(q_len, k_len, block_q, block_k, device)
     off = k_len - q_len
     # token rule: key j is visible to query i iff i+off-window < j <= i+off, or j < sinks
-    win = (k_lo <= q_hi + off) & (k_hi > q_lo + off - window)
-    sink = (k_lo < sinks) & (k_lo <= q_hi + off)
-    return win | sink
+    causal = k_lo <= q_hi + off
+    win = causal & (k_hi > q_lo + off - window)
+    if valid is None:
+        sink = (k_lo < sinks) & causal
+        return win | sink
+    first = valid & (torch.cumsum(valid.to(torch.int32), 1) <= sinks)  # the first `sinks` valid keys
+    sink = _block_any(first, block_k)[:, None, None, :] & causal
+    return _restrict_to_valid(win[None, None] | sink, valid, q_len, k_len, block_q, block_k, causal)
 
 
 def sliding_window_mask(q_len: int, window: int, sinks: int = 0, k_len: int | None = None, *,
-                        block_q: int = DEFAULT_BLOCK, block_k: int | None = None, device=None) -> BlockMask:
+                        block_q: int = DEFAULT_BLOCK, block_k: int | None = None, device=None,
+                        valid: torch.Tensor | None = None) -> BlockMask:
     """Causal sliding window of ``window`` keys (``i+off-window < j <= i+off``) plus the first
-    ``sinks`` keys (attention sinks, StreamingLLM), block-granular; use with ``causal=True``."""
+    ``sinks`` keys (attention sinks, StreamingLLM), block-granular; use with ``causal=True``.
+
+    ``valid: (B, Nk)`` bool key validity (padded batches; mask ``(B, 1, nQ, nK)``): the sinks are the
+    first ``sinks`` *valid* keys of each row, key blocks without a valid key are never kept, query
+    blocks without a valid query keep nothing, and every query block holding a valid query keeps at
+    least one block holding a valid key (the last causal one).  Right-padded rows get exactly the
+    mask of the row alone; with left padding the block grid is shifted against the tokens, so the
+    blocks (not the rule) differ from the row alone.
+    """
     check_int("window", window, min_value=1)
     check_int("sinks", sinks, min_value=0)
     k_len = q_len if k_len is None else k_len
     block_k = block_q if block_k is None else block_k
+    if valid is not None:
+        device = _check_valid(valid, k_len).device
+        dense = _window_dense(q_len, k_len, window, sinks, block_q, block_k, device, valid)
+        return BlockMask.from_dense(dense, block_q, block_k, q_len, k_len)
     dense = _window_dense(q_len, k_len, window, sinks, block_q, block_k, device)
     return BlockMask.from_dense(dense[None, None], block_q, block_k, q_len, k_len)
 
 
 def retrieval_heads_mask(num_heads: int, full_heads: Sequence[int], q_len: int, window: int, sinks: int = 0,
                          k_len: int | None = None, *, block_q: int = DEFAULT_BLOCK, block_k: int | None = None,
-                         device=None) -> BlockMask:
+                         device=None, valid: torch.Tensor | None = None) -> BlockMask:
     """Per-head combination (DuoAttention / RazorAttention style): heads in ``full_heads``
     (retrieval heads) see every causal block, the others a sliding ``window`` plus ``sinks``.
-    Shape ``(1, num_heads, nQ, nK)``; use with ``causal=True``."""
+    Shape ``(1, num_heads, nQ, nK)`` (``(B, num_heads, nQ, nK)`` with ``valid: (B, Nk)``, the key
+    padding rule of :func:`sliding_window_mask` applied to both kinds of head); use with ``causal=True``."""
     check_int("num_heads", num_heads, min_value=1)
     full = sorted(set(int(h) for h in full_heads))
     if any(h < 0 or h >= num_heads for h in full):
@@ -323,12 +408,18 @@ def retrieval_heads_mask(num_heads: int, full_heads: Sequence[int], q_len: int, 
     check_int("sinks", sinks, min_value=0)
     k_len = q_len if k_len is None else k_len
     block_k = block_q if block_k is None else block_k
-    causal = causal_block_mask(q_len, k_len, block_q=block_q, block_k=block_k, device=device).to_dense()[0, 0]
-    win = _window_dense(q_len, k_len, window, sinks, block_q, block_k, device)
+    if valid is not None:
+        device = _check_valid(valid, k_len).device
+    causal = causal_block_mask(q_len, k_len, block_q=block_q, block_k=block_k, device=device,
+                               valid=valid).to_dense()
+    win = _window_dense(q_len, k_len, window, sinks, block_q, block_k, device, valid)
     is_full = torch.zeros(num_heads, dtype=torch.bool, device=device)
     is_full[full] = True
-    dense = torch.where(is_full[:, None, None], causal, win)
-    return BlockMask.from_dense(dense[None], block_q, block_k, q_len, k_len)
+    if valid is None:
+        dense = torch.where(is_full[:, None, None], causal[0, 0], win)[None]
+    else:
+        dense = torch.where(is_full[None, :, None, None], causal, win)
+    return BlockMask.from_dense(dense, block_q, block_k, q_len, k_len)
 
 
 def stack_heads(masks: Sequence[BlockMask]) -> BlockMask:
@@ -345,25 +436,42 @@ def stack_heads(masks: Sequence[BlockMask]) -> BlockMask:
                        kv_indices=torch.cat([m.kv_indices for m in masks], 1))
 
 
-def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean over each block of tokens (the tail block over its valid tokens): (B,H,N,D) -> (B,H,nB,D)."""
+def _pool(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over each block of tokens (the tail block over its valid tokens): (B,H,N,D) -> (B,H,nB,D).
+    With ``valid: (B, N)`` the mean is over the valid tokens of each block only (0 for a block
+    without one); for a right-padded row this is bit for bit the pooling of the row alone."""
     n = x.shape[-2]
     nb = _cdiv(n, block)
     pad = nb * block - n
-    xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).unflatten(-2, (nb, block)).sum(-2)
-    cnt = torch.clamp(n - torch.arange(nb, device=x.device) * block, max=block).to(xs.dtype)
-    return xs / cnt[:, None]
+    if valid is None:
+        xs = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).unflatten(-2, (nb, block)).sum(-2)
+        cnt = torch.clamp(n - torch.arange(nb, device=x.device) * block, max=block).to(xs.dtype)
+        return xs / cnt[:, None]
+    xv = torch.where(valid[:, None, :, None], x.float(), 0.0)
+    xs = torch.nn.functional.pad(xv, (0, 0, 0, pad)).unflatten(-2, (nb, block)).sum(-2)
+    cnt = torch.nn.functional.pad(valid, (0, pad)).unflatten(-1, (nb, block)).sum(-1).to(xs.dtype)
+    return xs / cnt.clamp_min(1)[:, None, :, None]
 
 
 def topk_block_mask(q: torch.Tensor, k: torch.Tensor, keep, *, block_q: int = DEFAULT_BLOCK,
-                    block_k: int | None = None, causal: bool = False) -> BlockMask:
+                    block_k: int | None = None, causal: bool = False,
+                    valid: torch.Tensor | None = None) -> BlockMask:
     """Content-based block selection (a cheap proxy for the block attention mass).
 
     Mean-pool ``q (B,H,Nq,D)`` and ``k (B,H_kv,Nk,D)`` per block, score block pairs by pooled
     ``q . k``, keep the ``keep`` highest-scoring key blocks per query block (``keep`` an int count or a
-    float fraction in (0, 1] of the key blocks, at least 1).  With ``causal`` only blocks holding a
-    causal pair are eligible and the diagonal block (holding the last visible key of the block's last
-    query) is always kept.  Returns a ``(B, H, nQ, nK)`` mask; use with ``causal`` in the attention call.
+    float fraction in (0, 1] of the key blocks, ``ceil(keep * n_blocks)``, at least 1).  With ``causal``
+    only blocks holding a causal pair are eligible and the diagonal block (holding the last visible
+    key of the block's last query) is always kept.  Returns a ``(B, H, nQ, nK)`` mask; use with
+    ``causal`` in the attention call.  Equal scores keep the lower block index.
+
+    ``valid: (B, Nk)`` bool key validity (padded batches; also pass the padding as a ``-inf``
+    ``key_bias`` to the attention): pooling is over valid tokens only; key blocks without a valid key
+    are never selected; a float ``keep`` counts each row's valid key blocks; query blocks without a
+    valid query (query ``i`` is key position ``i + Nk - Nq``) keep nothing; when causal the forced
+    "diagonal" is the last causal block holding a valid key, so every query block holding a valid
+    query keeps at least one block holding a valid key.  A right-padded row gets exactly the blocks
+    of the same row alone.  No host sync.
     """
     block_k = block_q if block_k is None else block_k
     _check_blocks(block_q, block_k)
@@ -373,33 +481,49 @@ def topk_block_mask(q: torch.Tensor, k: torch.Tensor, keep, *, block_q: int = DE
             or q.shape[1] % k.shape[1]:
         raise ValueError(f"k must be (B, H_kv, Nk, D) matching q {tuple(q.shape)} with H % H_kv == 0, "
                          f"got {getattr(k, 'shape', type(k).__name__)}")
-    q_len, k_len = q.shape[-2], k.shape[-2]
-    nk = _cdiv(k_len, block_k)
+    k_len = k.shape[-2]
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise TypeError(f"keep must be an int count or a float fraction, got {type(keep).__name__}")
-    if isinstance(keep, float):
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep as a fraction must be in (0, 1], got {keep}")
-        count = max(1, math.ceil(keep * nk))
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep as a fraction must be in (0, 1], got {keep}")
+    if isinstance(keep, int) and keep < 1:
+        raise ValueError(f"keep as a count must be >= 1, got {keep}")
+    if valid is None:
+        valid = torch.ones(q.shape[0], k_len, dtype=torch.bool, device=q.device)
     else:
-        if keep < 1:
-            raise ValueError(f"keep as a count must be >= 1, got {keep}")
-        count = min(keep, nk)
-    pq = _pool(q, block_q)
-    pk = _pool(k, block_k).repeat_interleave(q.shape[1] // k.shape[1], 1)
+        _check_valid(valid, k_len, q.shape[0])
+        if valid.device != q.device:
+            raise ValueError(f"valid must be on the device of q ({q.device}), got {valid.device}")
+    return _topk_valid(q, k, keep, block_q, block_k, causal, valid)
+
+
+def _topk_valid(q, k, keep, block_q: int, block_k: int, causal: bool, valid: torch.Tensor) -> BlockMask:
+    """:func:`topk_block_mask` with key padding ``valid (B, Nk)`` (see there); per-row counts, no host sync."""
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    qv = _query_valid(valid, q_len)
+    kb = _block_any(valid, block_k)  # (B, nK) blocks holding a valid key
+    qb = _block_any(qv, block_q)  # (B, nQ) blocks holding a valid query
+    n_valid = kb.sum(-1)  # (B,) valid key blocks per row
+    if isinstance(keep, float):
+        count = torch.ceil(n_valid.double() * keep).to(torch.int64).clamp_min(1)
+    else:
+        count = n_valid.clamp(max=keep)
+    pq = _pool(q, block_q, qv)
+    pk = _pool(k, block_k, valid).repeat_interleave(q.shape[1] // k.shape[1], 1)
     score = pq @ pk.transpose(-1, -2)  # (B, H, nQ, nK) fp32
+    eligible = kb[:, None, None, :]
     if causal:
         q_lo, q_hi, k_lo, k_hi = _grid(q_len, k_len, block_q, block_k, q.device)
-        off = k_len - q_len
-        eligible = k_lo <= q_hi + off
-        last_key = torch.clamp(q_hi + off, min=0, max=k_len - 1)
-        diag = (k_lo <= last_key) & (last_key <= k_hi) & eligible
-        score = torch.where(eligible, score, float("-inf"))
-        score = torch.where(diag, float("inf"), score)
-    top = score.topk(count, dim=-1).indices
-    dense = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, top, True)
-    if causal:
-        dense &= eligible
+        eligible = eligible & (k_lo <= q_hi + (k_len - q_len))
+    nk = kb.shape[-1]
+    score = torch.where(eligible, score, float("-inf"))
+    if causal:  # the last eligible block (the diagonal when nothing is padded) is always kept
+        ar = torch.arange(nk, device=q.device)
+        last = torch.where(eligible, ar, -1).amax(-1, keepdim=True)
+        score = torch.where(ar == last, float("inf"), score)
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nk, device=q.device).expand_as(order))
+    dense = (rank < count[:, None, None, None]) & eligible & qb[:, None, :, None]
     return BlockMask.from_dense(dense, block_q, block_k, q_len, k_len)
 
 

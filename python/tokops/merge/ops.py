@@ -218,6 +218,34 @@ def _csr(slot: torch.Tensor, n_out: int):
     return order, offsets
 
 
+def _check_length_safety(min_keep, threshold, B: int, device) -> None:
+    """``min_keep``: None, an int >= 0 or an int64 ``(B,)`` tensor; ``threshold``: None or a float in [-1, 1]."""
+    if min_keep is not None:
+        if isinstance(min_keep, torch.Tensor):
+            check_tensor("min_keep", min_keep, dtypes=(torch.int64, torch.int32), ndim=1, contiguous=False)
+            check_shape("min_keep", min_keep, (B,))
+            if min_keep.device != device:
+                raise ValueError(f"min_keep must be on the device of metric ({device}), got {min_keep.device}")
+        else:
+            check_int("min_keep", min_keep, min_value=0)
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a float cosine similarity in [-1, 1] or None, "
+                            f"got {type(threshold).__name__} ({threshold!r})")
+        if not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
+
+
+def _limit_rows_r(r_rows, n_valid, node_max, min_keep, threshold):
+    """Length safety, per row: keep at least ``min_keep`` valid tokens (``r_b <= n_valid_b - min_keep_b``)
+    and merge only sources whose best similarity is at least ``threshold``."""
+    if min_keep is not None:
+        r_rows = torch.minimum(r_rows, (n_valid - min_keep).clamp_min(0))
+    if threshold is not None:
+        r_rows = torch.minimum(r_rows, (node_max >= threshold).sum(1))
+    return r_rows
+
+
 def _tome_layout(edge, node_idx, r_rows, N: int, class_token: bool, distill_token: bool):
     """Slot of every token in ToMe's layout ``cat([unm, dst])`` (distill: ``[unm0, dst0, unm1.., dst1..]``)
     when row b merges its first ``r_rows[b]`` A tokens of ``edge``.  Rows with ``r_b == 0`` are the
@@ -285,7 +313,8 @@ def _identity(B: int, N: int, device, class_token=False, distill_token=False) ->
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r, class_token: bool = False, distill_token: bool = False, *,
-                            valid: torch.Tensor | None = None, backend: str = "auto") -> Matching:
+                            valid: torch.Tensor | None = None, backend: str = "auto", min_keep=None,
+                            threshold: float | None = None) -> Matching:
     """ToMe bipartite soft matching of ``metric: (B, N, C)`` (fp16/bf16/fp32), DESIGN.md steps 1-5.
 
     ``r``: tokens to merge per row (int), or a float fraction in [0, 1] of each row's valid tokens
@@ -310,16 +339,33 @@ def bipartite_soft_matching(metric: torch.Tensor, r, class_token: bool = False, 
     ToMe's layout followed by padding (zeros, ``Matching.valid`` False), and ``n_out = max_b(n_valid_b
     - r_b)``.  This path reads the per-row counts on the host (one device sync).
 
+    Length safety (applied per row, after ``r``; DESIGN.md "Padded batches"):
+
+    * ``min_keep``: int or int64 ``(B,)`` tensor; row ``b`` keeps at least ``min_keep[b]`` of its
+      valid tokens (``r_b <= n_valid_b - min_keep_b``), so short rows are never collapsed.
+    * ``threshold``: float cosine similarity ``tau`` in [-1, 1]; only sources whose best match has
+      ``node_max >= tau`` merge (the first ``r_b`` of ``argsort(node_max)`` with ``node_max >= tau``),
+      so the number merged adapts per row (the adaptive-rate idea of DiffRate / Zero-TPrune); ``r``
+      is then the most a row may merge.  ``node_max`` is the fp32 score of the match kernel, so every
+      backend (torch, Triton, CUDA) supports it.
+    With a ``threshold`` or a per-row ``min_keep`` rows can merge different counts: the padded
+    layout below is used (``valid`` defaults to all True) and the counts are read on the host.
+
     Returns a :class:`Matching`; apply it with :func:`merge`, :func:`merge_wavg`, :func:`merge_source`,
     :func:`unmerge`.
     """
     metric, valid = _check_matching(metric, r, class_token, distill_token, valid)
     B, N, _ = metric.shape
+    _check_length_safety(min_keep, threshold, B, metric.device)
     protected = int(class_token) + int(distill_token)
     be = reg.resolve_backend("tome_match", backend, metric.device)
+    if valid is None and (threshold is not None or isinstance(min_keep, torch.Tensor)):
+        valid = torch.ones(B, N, dtype=torch.bool, device=metric.device)  # per-row counts: padded layout
     if valid is None:
         r_int = r if isinstance(r, int) else math.floor(r * N)
         r_int = min(r_int, (N - protected) // 2)
+        if min_keep is not None:
+            r_int = min(r_int, max(0, N - min_keep))
         if r_int <= 0:
             return _identity(B, N, metric.device, class_token, distill_token)
         with torch.no_grad():
@@ -343,6 +389,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r, class_token: bool = False, 
         r_rows = _rows_r(r, n_valid, protected)
         # never more sources than valid A tokens that have a valid destination (finite node_max)
         r_rows = torch.minimum(r_rows, torch.isfinite(node_max).sum(1))
+        r_rows = _limit_rows_r(r_rows, n_valid, node_max, min_keep, threshold)
         edge = _edge_order(node_max, class_token)
         slot, is_src = _tome_layout(edge, node_idx, r_rows, N, class_token, distill_token)
         # compact: surviving valid tokens first (in layout order), padding dropped

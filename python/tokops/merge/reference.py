@@ -128,7 +128,7 @@ def rows_r(r, n_valid: list[int], protected: int) -> list[int]:
 
 
 def padded_groups(metric: torch.Tensor, valid: torch.Tensor, r, class_token: bool = False,
-                  distill_token: bool = False) -> list[list[list[int]]]:
+                  distill_token: bool = False, min_keep=None, threshold=None) -> list[list[list[int]]]:
     """Row-by-row list oracle of padded matching (DESIGN.md "Padded batches").
 
     For each row: scores in float64 with invalid rows/columns at -inf, stable argsort, the first
@@ -136,6 +136,8 @@ def padded_groups(metric: torch.Tensor, valid: torch.Tensor, r, class_token: boo
     *valid* tokens.  Returns, per row, the list of output groups (each a list of original token
     indices, the surviving token first).  The number of mergeable sources is also capped by the
     number of valid non-protected A tokens, and is 0 without a valid destination.
+    Length safety: ``min_keep`` (int or a list / tensor per row): row ``b`` keeps at least
+    ``min_keep[b]`` valid tokens; ``threshold``: only sources with ``node_max >= threshold`` merge.
     """
     B, N, _ = metric.shape
     protected = int(class_token) + int(distill_token)
@@ -157,6 +159,11 @@ def padded_groups(metric: torch.Tensor, valid: torch.Tensor, r, class_token: boo
         node_max, node_idx = s.max(dim=-1)
         n_src = sum(1 for i in range(nA) if node_max[i] > -math.inf)
         r_b = min(r_b, n_src)
+        if min_keep is not None:
+            mk = min_keep if isinstance(min_keep, int) else int(min_keep[b])
+            r_b = min(r_b, max(0, sum(v) - mk))
+        if threshold is not None:
+            r_b = min(r_b, sum(1 for i in range(nA) if node_max[i] >= threshold))
         if r_b == 0:
             out.append([[i] for i in range(N) if v[i]])
             continue

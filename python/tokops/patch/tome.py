@@ -37,12 +37,26 @@ never merged, DESIGN.md "Padded batches"), and a ``-inf`` key bias. With ``unmer
 work unchanged; mean pooling over the unmerged tokens equals size-weighted pooling over the merged
 ones.
 
+Length safety (per row, at merge time; :func:`_length_safety`): a floor ``min_tokens`` of valid
+tokens per row, a cap ``max_merged`` on the fraction of each row's valid input tokens merged over
+all layers together, and optionally a similarity ``threshold`` (only pairs with cosine >= tau merge,
+so the count adapts per row). The floor and cap are on by default for text encoders, where one batch
+mixes 10-token queries and 300-token documents (see ``TEXT_DEFAULTS`` and the README's demo section
+for how they were chosen); ViTs keep ToMe's plain fixed-r behaviour by default.
+
+What ``r`` means: an int is tokens merged per layer (per row); a float is, with ``r_mode="layer"``
+(default), the fraction of each row's *current* valid tokens merged in every layer (it compounds:
+``r=0.25`` over 6 layers leaves ``0.75**6 = 18%``), and with ``r_mode="total"`` the fraction of each
+row's valid *input* tokens merged over all layers together, spread evenly (``r=0.25`` leaves 75%;
+an int ``r`` with ``r_mode="total"`` is a total count per row).
+
 Inference only: the patched forward skips attention-probability dropout and does not return
 attention weights or per-layer hidden states.
 """
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass, field
 
@@ -70,8 +84,15 @@ class ToMeState:
     matchings: list = field(default_factory=list)
     # r schedule (ToMe's forms): re-read from ``owner.r`` at the start of every forward
     owner: object = field(default=None, repr=False)  # the patched model (its ``r`` attribute)
-    n_layers: int = 0
     schedule: list = field(default_factory=list)
+    # length safety (see _length_safety)
+    min_tokens: int = 0
+    max_merged: float | None = None
+    threshold: float | None = None
+    r_mode: str = "layer"
+    n_layers: int = 0
+    n_input: torch.Tensor | int | None = None  # valid input tokens per row of the current forward
+    row_tokens: list = field(default_factory=list)  # (B,) valid tokens per row after each layer
 
     def r_for(self, layer: int):
         if self.schedule:
@@ -137,6 +158,9 @@ def _start_forward(state: ToMeState) -> None:
     owner = state.owner
     r = getattr(owner, "r", state.r) if owner is not None else state.r
     state.schedule = parse_r(state.n_layers, r)
+    if state.r_mode == "total" and (isinstance(r, bool) or not isinstance(r, (int, float))):
+        raise ValueError(f"model.r: with r_mode='total' r must be one int (tokens per row) or float (fraction of "
+                         f"each row), got {type(r).__name__}")
     state.r = r
 
 
@@ -197,19 +221,63 @@ def _attend(q, k, v, bias, scale, backend):
     return out.transpose(1, 2).reshape(B, N, H * D)
 
 
+def _length_safety(state: ToMeState, layer: int, r, x, valid):
+    """The length-safety layer, per row at merge time: returns ``(r, min_keep)`` for this layer.
+
+    ``min_keep`` (an int without padding, else a ``(B,)`` tensor; None when no floor applies) is the
+    largest of: ``min_tokens``; ``ceil((1 - max_merged) * n_input)``; and with ``r_mode="total"``
+    the even schedule ``n_input - floor(r_total_b * (layer + 1) / n_layers)`` (``r_total_b = r *
+    n_input`` for a float ``r``), for which ``r`` becomes "as many as the schedule asks" (the op
+    still caps it at half of the row).  ``n_input``: the row's valid tokens entering layer 0.
+    """
+    if layer == 0:
+        state.n_input = valid.sum(1) if valid is not None else x.shape[1]
+        state.row_tokens = []
+    n0 = state.n_input
+    is_t = isinstance(n0, torch.Tensor)
+    n0f = n0.double() if is_t else float(n0)
+    floor = (lambda t: torch.floor(t).to(torch.int64)) if is_t else math.floor  # noqa: E731
+    ceil = (lambda t: torch.ceil(t).to(torch.int64)) if is_t else math.ceil  # noqa: E731
+    floors = []
+    if state.r_mode == "total":
+        total = n0f * state.r if isinstance(state.r, float) else n0f * 0.0 + state.r
+        floors.append(n0 - floor(total * (layer + 1) / state.n_layers))
+        r = 1.0 if state.r else 0
+    if state.min_tokens:
+        floors.append(state.min_tokens)
+    if state.max_merged is not None:
+        floors.append(ceil((1.0 - state.max_merged) * n0f))
+    if not floors:
+        return r, None
+    min_keep = floors[0]
+    for f in floors[1:]:
+        min_keep = torch.maximum(torch.as_tensor(min_keep), torch.as_tensor(f)) if is_t else max(min_keep, f)
+    if is_t:
+        min_keep = torch.as_tensor(min_keep, device=x.device).to(torch.int64).expand(x.shape[0]).contiguous()
+    return r, min_keep
+
+
+def _record_rows(state: ToMeState, x, valid) -> None:
+    """Valid tokens per row after this layer (``state.row_tokens``; no host sync)."""
+    B, N = x.shape[:2]
+    state.row_tokens.append(valid.sum(1) if valid is not None else torch.full((B,), N, device=x.device))
+
+
 def _merge_step(state: ToMeState, layer: int, x, k_heads, size, valid, matchings):
     """Merge ``x`` after attention; ``k_heads: (B, N, H, D)``; returns (x, size, valid)."""
     r = state.r_for(layer)
-    if not r:
-        return x, size, valid
-    metric = k_heads.mean(2)
-    m = tkm.bipartite_soft_matching(metric, r, class_token=state.class_token, distill_token=state.distill_token,
-                                    valid=valid, backend=state.backend)
-    if m.is_identity:
-        return x, size, valid
-    x, size = tkm.merge_wavg(m, x, size, backend=state.backend)
-    matchings.append(m)
-    return x, size, (m.valid if m.valid is not None else valid)
+    r, min_keep = _length_safety(state, layer, r, x, valid)
+    if r:
+        metric = k_heads.mean(2)
+        m = tkm.bipartite_soft_matching(metric, r, class_token=state.class_token,
+                                        distill_token=state.distill_token, valid=valid, backend=state.backend,
+                                        min_keep=min_keep, threshold=state.threshold)
+        if not m.is_identity:
+            x, size = tkm.merge_wavg(m, x, size, backend=state.backend)
+            matchings.append(m)
+            valid = m.valid if m.valid is not None else valid
+    _record_rows(state, x, valid)
+    return x, size, valid
 
 
 def _unmerge_all(state: ToMeState, x, matchings):
@@ -373,34 +441,89 @@ def _target_inner(model, kind):
     raise TypeError(f"tokops.patch.tome: cannot find the encoder of {type(model).__name__}")
 
 
-def tome(model: torch.nn.Module, r: int | float | list | tuple = 8, *, class_token: bool | None = None,
-         distill_token: bool | None = None, prop_attn: bool = True, unmerge_output: bool | None = None,
-         backend: str = "auto") -> torch.nn.Module:
+# Defaults for text encoders (BERT-style), chosen on the short-query / long-document retrieval task of
+# ``python -m tokops.demo`` (README "Demo and defaults"): merge 30% of each row's valid tokens in total,
+# spread evenly over the layers; rows never drop below 32 tokens (short queries stay unmerged: merging
+# them cost 3 points of top-1 on the demo) and never lose more than 50% of their tokens; no
+# proportional attention (with it the same merges cost 6 points on the demo; without it none).
+TEXT_DEFAULTS = {"r": 0.3, "r_mode": "total", "min_tokens": 32, "max_merged": 0.5, "prop_attn": False}
+VISION_DEFAULTS = {"r": 8, "r_mode": "layer", "min_tokens": 0, "max_merged": None, "prop_attn": True}
+R_MODES = ("layer", "total")
+
+
+def _length_safety_args(kind: str, r, r_mode, min_tokens, max_merged, threshold, n_layers: int) -> dict:
+    """Resolve and check the length-safety arguments of :func:`tome` ("auto" = the kind's default)."""
+    d = TEXT_DEFAULTS if kind == "bert" else VISION_DEFAULTS
+    r_mode = d["r_mode"] if r_mode == "auto" and r is None else ("layer" if r_mode == "auto" else r_mode)
+    r = d["r"] if r is None else r
+    min_tokens = d["min_tokens"] if isinstance(min_tokens, str) and min_tokens == "auto" else min_tokens
+    max_merged = d["max_merged"] if isinstance(max_merged, str) and max_merged == "auto" else max_merged
+    if r_mode not in R_MODES:
+        raise ValueError(f"r_mode must be one of {R_MODES} or 'auto', got {r_mode!r}")
+    if r_mode == "total" and (isinstance(r, bool) or not isinstance(r, (int, float))):
+        raise ValueError(f"r_mode='total' needs r as one int (tokens per row) or float (fraction of each row), "
+                         f"got {type(r).__name__}")
+    if min_tokens is None:
+        min_tokens = 0
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+        raise ValueError(f"min_tokens must be an int >= 0 (or 'auto'), got {min_tokens!r}")
+    if max_merged is not None and (isinstance(max_merged, bool) or not isinstance(max_merged, (int, float))
+                                   or not 0.0 <= max_merged <= 1.0):
+        raise ValueError(f"max_merged must be a fraction in [0, 1], None or 'auto', got {max_merged!r}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not -1.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold must be a cosine similarity in [-1, 1] or None, got {threshold!r}")
+    return {"r": r, "r_mode": r_mode, "min_tokens": min_tokens,
+            "max_merged": None if max_merged is None else float(max_merged),
+            "threshold": None if threshold is None else float(threshold), "n_layers": n_layers}
+
+
+def tome(model: torch.nn.Module, r: int | float | list | tuple | None = None, *, class_token: bool | None = None,
+         distill_token: bool | None = None, prop_attn: bool | str = "auto", unmerge_output: bool | None = None,
+         backend: str = "auto", r_mode: str = "auto", min_tokens: int | str | None = "auto",
+         max_merged: float | str | None = "auto", threshold: float | None = None) -> torch.nn.Module:
     """Apply ToMe to ``model`` in place (and return it).
 
     ``r``: tokens merged per layer, in any of ToMe's forms (:func:`parse_r`): an int, a list per
-    layer (padded with zeros when shorter), an ``(r, inflect)`` schedule; or a float fraction of each
-    row's valid tokens.  ``model.r`` is set to ``r`` and may be changed between calls, as with ToMe.
-    ``r=0`` keeps the model's output (up to the attention kernel's rounding).
+    layer (padded with zeros when shorter), an ``(r, inflect)`` schedule; or a float fraction;
+    ``None``: the model kind's default (text encoders ``TEXT_DEFAULTS``: 30% of each row in total;
+    ViTs: ``r=8`` per layer, ToMe's default). ``model.r`` is set to ``r`` and may be changed between
+    calls, as with ToMe. ``r=0`` keeps the model's output (up to the attention kernel's rounding).
+    ``r_mode`` (what a float ``r`` means): ``"layer"`` — the fraction of each row's *current* valid
+    tokens merged in every layer (compounds over layers); ``"total"`` — the fraction (int: the
+    count) of each row's valid *input* tokens merged over all layers together, spread evenly;
+    ``"auto"``: ``"layer"``, or the kind's default when ``r`` is None.
+    Length safety, per row (``"auto"``: on for text encoders, off for ViTs): ``min_tokens``: a row
+    never drops below this many valid tokens; ``max_merged``: at most this fraction of a row's valid
+    input tokens is merged over all layers; ``threshold``: merge only pairs whose cosine similarity
+    (of the mean keys) is at least this, so each row merges as many as are that similar (``r`` is
+    then the most per layer, e.g. ``r=1.0`` with ``r_mode="layer"``). Pass ``min_tokens=0,
+    max_merged=None`` for plain ToMe.
     ``class_token`` / ``distill_token``: never merge token 0 (CLS) / token 1 (DeiT's distillation
     token); ``None`` (default) detects them from the model (:func:`detect_tokens`: timm ``cls_token``,
     ``dist_token``, ``num_prefix_tokens``; transformers ``embeddings.cls_token`` /
-    ``distillation_token``).  ``prop_attn``: add ``log(size)`` to the attention logits.
-    ``unmerge_output``: restore the input length at the encoder output; ``None`` (default) picks
-    :func:`default_unmerge_output` (timm: ``False``, as ToMe; transformers: ``True``).
+    ``distillation_token``).  ``prop_attn``: add ``log(size)`` to the attention logits
+    (``"auto"``: on for ViTs, as in ToMe; off for text encoders, where it cost accuracy on the demo
+    task). ``unmerge_output``: restore the input length at the encoder output; ``None`` (default)
+    picks :func:`default_unmerge_output` (timm: ``False``, as ToMe; transformers: ``True``).
+    Per-row valid token counts after each layer are in ``model._tome_state.row_tokens`` after a forward.
     Call :func:`unpatch_tome` to restore the original forward.
     """
     kind = _kind(model)
     target = _target(model, kind)
     layers = {"timm": lambda: target.blocks, "vit": lambda: _vit_layers(target), "bert": lambda: target.layer}[kind]()
     n_layers = len(layers)
+    safety = _length_safety_args(kind, r, r_mode, min_tokens, max_merged, threshold, n_layers)
+    r = safety.pop("r")
     parse_r(n_layers, r)  # fail at patch time on a bad r
+    if isinstance(prop_attn, str) and prop_attn == "auto":
+        prop_attn = (TEXT_DEFAULTS if kind == "bert" else VISION_DEFAULTS)["prop_attn"]
     cls_found, dist_found = detect_tokens(model, kind)
     class_token = cls_found if class_token is None else class_token
     distill_token = (dist_found and class_token) if distill_token is None else distill_token
     for name, v in (("class_token", class_token), ("distill_token", distill_token), ("prop_attn", prop_attn)):
         if not isinstance(v, bool):
-            raise TypeError(f"{name} must be a bool (or None to detect it), got {type(v).__name__}")
+            raise TypeError(f"{name} must be a bool (or None to detect it; prop_attn: 'auto'), got {v!r}")
     if distill_token and not class_token:
         raise ValueError("distill_token=True needs class_token=True (the distillation token follows the class token)")
     unmerge_output = default_unmerge_output(kind) if unmerge_output is None else unmerge_output
@@ -413,7 +536,7 @@ def tome(model: torch.nn.Module, r: int | float | list | tuple = 8, *, class_tok
     if hasattr(target, "_tome_original_forward"):
         unpatch_tome(model)
     target._tome_state = ToMeState(r=r, class_token=class_token, distill_token=distill_token, prop_attn=prop_attn,
-                                   unmerge_output=unmerge_output, backend=backend, owner=model, n_layers=n_layers)
+                                   unmerge_output=unmerge_output, backend=backend, owner=model, **safety)
     model._tome_state = target._tome_state
     model.r = r  # settable between calls, as ToMe's model.r
     if kind == "vit":
