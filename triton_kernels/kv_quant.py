@@ -20,11 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tokops._registry import new_output
+from tokops._registry import new_output, triton_interpreter
 from tokops.kv.reference import packed_shapes
 
-_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds v to the nearest integer, ties to even
-_FP8_MAX = 448.0
+# Globals read inside @triton.jit code must be tl.constexpr: the compiler rejects plain module globals
+# ("Cannot access global variable ... from within @jit'ed function"); only the interpreter accepts them.
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds v to the nearest integer, ties to even
+_FP8_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
@@ -166,7 +168,37 @@ def dequantize(codes, scale, zero, bits: int, group_size: int, axis: int, length
 
 
 @triton.jit
-def _quantize_fp8_kernel(x_ptr, codes_ptr, scale_ptr, M, D, BM: tl.constexpr, BD: tl.constexpr):
+def _fp8_e4m3_bits(y):
+    """e4m3fn bit pattern (int32 in [0, 255]) of fp32 ``y`` with ``|y| <= 448``, rounded to nearest,
+    ties to even: what ``cvt.rn.satfinite.e4m3x2.f32`` (and torch's cast) gives, without the fp8
+    instructions that sm_80/sm_86 lack."""
+    ybits = y.to(tl.uint32, bitcast=True)
+    a = tl.abs(y)
+    bits = a.to(tl.uint32, bitcast=True)
+    # normal (a >= 2**-6): keep 3 mantissa bits, round half to even on the 20 dropped bits
+    r = (bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20
+    normal = r.to(tl.int32) - (120 << 3)  # exponent bias 127 -> 7
+    # subnormal (a < 2**-6): multiples of 2**-9; a * 512 is exact, rounded half to even
+    sub = ((a * 512.0 + _RNE_MAGIC) - _RNE_MAGIC).to(tl.int32)
+    code = tl.where(a < 0.015625, sub, normal)
+    code = tl.where(a != a, 0x7F, code)  # NaN
+    return code | ((ybits >> 31).to(tl.int32) << 7)
+
+
+@triton.jit
+def _fp8_e4m3_value(c):
+    """fp32 value of e4m3fn bit patterns ``c`` (int32 in [0, 255]), without fp8 instructions."""
+    e = (c >> 3) & 15
+    m = c & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    mag = tl.where((c & 0x7F) == 0x7F, float("nan"), mag)
+    return tl.where((c & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def _quantize_fp8_kernel(x_ptr, codes_ptr, scale_ptr, M, D, BM: tl.constexpr, BD: tl.constexpr,
+                         NATIVE_FP8: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BD)
     mask = (rows < M)[:, None] & (cols < D)[None, :]
@@ -177,19 +209,38 @@ def _quantize_fp8_kernel(x_ptr, codes_ptr, scale_ptr, M, D, BM: tl.constexpr, BD
     y = tl.math.div_rn(x, tl.where(scale == 0, 1.0, scale)[:, None])
     y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
     y = tl.where((scale == 0)[:, None], 0.0, y)
-    tl.store(codes_ptr + off, y.to(codes_ptr.dtype.element_ty), mask=mask)
+    if NATIVE_FP8:
+        code = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        code = _fp8_e4m3_bits(y).to(tl.uint8)
+    tl.store(codes_ptr + off, code, mask=mask)  # codes_ptr: the e4m3fn codes viewed as uint8
     tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 
 @triton.jit
-def _dequantize_fp8_kernel(codes_ptr, scale_ptr, out_ptr, M, D, BM: tl.constexpr, BD: tl.constexpr):
+def _dequantize_fp8_kernel(codes_ptr, scale_ptr, out_ptr, M, D, BM: tl.constexpr, BD: tl.constexpr,
+                           NATIVE_FP8: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BD)
     mask = (rows < M)[:, None] & (cols < D)[None, :]
     off = rows[:, None] * D + cols[None, :]
-    y = tl.load(codes_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(codes_ptr + off, mask=mask, other=0)  # uint8 bit patterns
+    if NATIVE_FP8:
+        y = c.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        y = _fp8_e4m3_value(c.to(tl.int32))
     s = tl.load(scale_ptr + rows, mask=rows < M, other=0.0)
     tl.store(out_ptr + off, (y * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def native_fp8() -> bool:
+    """Whether the GPU Triton compiles for has fp8 e4m3 conversion instructions (sm_89+).  sm_80 and
+    sm_86 lack them (``fp8e4nv`` does not compile there): the fp8 kernels then take the exact
+    bit-manipulation path (:func:`_fp8_e4m3_bits` / :func:`_fp8_e4m3_value`), same bits."""
+    if triton_interpreter():
+        return True
+    target = triton.runtime.driver.active.get_current_target()
+    return not (target.backend == "cuda" and isinstance(target.arch, int) and target.arch < 89)
 
 
 def _fp8_geometry(x: torch.Tensor):
@@ -204,12 +255,14 @@ def quantize_fp8(x: torch.Tensor):
     codes = new_output(x.shape, torch.float8_e4m3fn, x.device)
     scale = new_output(x.shape[:-1], torch.float32, x.device)
     M, D, bm, bd = _fp8_geometry(x)
-    _quantize_fp8_kernel[(triton.cdiv(M, bm),)](x, codes, scale, M, D, BM=bm, BD=bd)
+    _quantize_fp8_kernel[(triton.cdiv(M, bm),)](x, codes.view(torch.uint8), scale, M, D, BM=bm, BD=bd,
+                                                NATIVE_FP8=native_fp8())
     return codes, scale
 
 
 def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
     out = new_output(codes.shape, dtype, codes.device)
     M, D, bm, bd = _fp8_geometry(codes)
-    _dequantize_fp8_kernel[(triton.cdiv(M, bm),)](codes, scale, out, M, D, BM=bm, BD=bd)
+    _dequantize_fp8_kernel[(triton.cdiv(M, bm),)](codes.view(torch.uint8), scale, out, M, D, BM=bm, BD=bd,
+                                                  NATIVE_FP8=native_fp8())
     return out
