@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import os
 import re
 import subprocess
@@ -111,6 +112,7 @@ class Record:
     shared: int = 0
     num_warps: int = 0
     num_stages: int = 0
+    ptxas_log: str = ""
     registers: int | None = None
     spill_stores: int | None = None
     spill_loads: int | None = None
@@ -142,6 +144,14 @@ def _config(fn, args, kwargs) -> str:
     return " ".join(parts)
 
 
+_TAG = {"text": ""}
+
+
+def _tag(text: str) -> None:
+    """Label the launches that follow (what the constexprs do not show: layout, causal, ...)."""
+    _TAG["text"] = text
+
+
 @contextlib.contextmanager
 def compile_only(arch: int, sink: list):
     """Inside: Triton targets ``sm_<arch>``, every kernel launch compiles without running, and the
@@ -157,16 +167,27 @@ def compile_only(arch: int, sink: list):
 
     def run(self, *args, grid, warmup, **kwargs):
         name = f"{self.fn.__module__.rsplit('.', 1)[-1]}.{self.fn.__name__}"
-        rec = Record(arch, state["case"], name, _config(self, args, kwargs))
+        cfg = _config(self, args, kwargs) + (f" [{_TAG['text']}]" if _TAG["text"] else "")
+        rec = Record(arch, state["case"], name, cfg)
         sink.append(rec)
+        buf = io.StringIO()
         try:
-            rec.kernel_obj = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+            with contextlib.redirect_stdout(buf):  # Triton prints its own `ptxas -v` log (dump_ptxas_log)
+                rec.kernel_obj = orig_run(self, *args, grid=grid, warmup=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - reported, and fails the check
             rec.error = f"{type(e).__name__}: {e}"
             raise
+        finally:
+            rec.ptxas_log = buf.getvalue()
         return rec.kernel_obj
 
+    from triton import knobs
+
     old_sms, old_active = reg._TARGET_SMS, driver._active
+    old_knobs = knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log
+    # Compile every kernel (no on-disk cache hit), so that Triton's own `ptxas -v` run (with the exact
+    # options it builds the cubin with) reports registers and spills; its log is captured per launch.
+    knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = True, True
     driver.set_active(make_driver(arch))
     JITFunction.run = run
     reg._TARGET_SMS = SMS.get(arch, 100)
@@ -175,6 +196,7 @@ def compile_only(arch: int, sink: list):
     finally:
         JITFunction.run = orig_run
         reg._TARGET_SMS = old_sms
+        knobs.compilation.always_compile, knobs.nvidia.dump_ptxas_log = old_knobs
         driver._active = old_active  # not reset_active(): that looks for a real GPU driver
     del triton
 
@@ -191,12 +213,12 @@ def attention_cases(quick: bool):
     import torch
 
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-    if quick:
-        grid = [(128, "bf16", 128), (256, "fp32", 64)]
+    if quick:  # the benchmark's default case on sm_90, the largest shared-memory case on sm_80
+        grid = [(128, "bf16", 128, (90,)), (256, "fp32", 64, (80,))]
     else:
-        grid = [(d, t, b) for d in (64, 128, 256) for t in dtypes for b in (64, 128)]
+        grid = [(d, t, b, ARCHS) for d in (64, 128, 256) for t in dtypes for b in (64, 128)]
     out = []
-    for D, tname, block in grid:
+    for D, tname, block, archs in grid:
         def fn(D=D, dt=dtypes[tname], block=block):
             from tokops.attention.masks import causal_block_mask, full_block_mask
             from tokops.triton_kernels import block_sparse_attn as m
@@ -204,6 +226,7 @@ def attention_cases(quick: bool):
             B, H, N = 1, 16, 4096  # the benchmark's shapes (bench_attention: B=1, H=16, N=4k..32k)
             q, k, v = (_meta((B, H, N, D), dt) for _ in range(3))
             for causal in (False, True):
+                _tag("causal+bias" if causal else "")
                 mask = (causal_block_mask if causal else full_block_mask)(N, block_q=block, block_k=block)
                 bias = _meta((B, H, N), torch.float32) if causal else None
                 out_, lse = m.fwd(q, k, v, mask.kv_num_blocks, mask.kv_indices, block, block, causal, D ** -0.5, bias)
@@ -213,20 +236,21 @@ def attention_cases(quick: bool):
                 m.key_mass(q, k, lse, qn, qi, block, block, causal, D ** -0.5, bias)
             # decode-style call (decode_attention_with_key_mass): 1 query vs a long cache -> split + combine
             nk = 16384
+            _tag("decode: 1 query")
             qd = _meta((B, 32, 1, D), dt)
             kd, vd = (_meta((B, 8, nk, D), dt) for _ in range(2))
             dm = full_block_mask(1, nk, block_q=16, block_k=block)
             _, lsed = m.fwd(qd, kd, vd, dm.kv_num_blocks, dm.kv_indices, 16, block, False, D ** -0.5, None)
             qn, qi = dm.transpose()
             m.key_mass(qd, kd, lsed, qn, qi, 16, block, False, D ** -0.5, None)
-        out.append((f"attention D={D} {tname} block={block}", fn))
+        out.append((f"attention D={D} {tname} block={block}", fn, archs))
     return out
 
 
 def kv_quant_cases(quick: bool):
     import torch
 
-    settings = [(4, 32), (2, 128)] if quick else [(b, g) for b in (8, 4, 2) for g in (32, 128)]
+    settings = [(4, 32)] if quick else [(b, g) for b in (8, 4, 2) for g in (32, 128)]
     out = []
     for bits, g in settings:
         def fn(bits=bits, g=g):
@@ -236,11 +260,12 @@ def kv_quant_cases(quick: bool):
             shape = (1, 8, 32768, 128)  # bench_kv: 32k tokens x 8 heads x 128 dims, fp16
             x = _meta(shape, torch.float16)
             for axis in (-2, -1):
+                _tag(f"axis={axis}")
                 codes, scale, zero = m.quantize(x, bits, g, axis)
                 cs, ss = packed_shapes(shape, bits, g, axis)
                 m.dequantize(_meta(cs, torch.int32), _meta(ss, torch.float16), _meta(ss, torch.float16), bits, g,
                              axis, shape[-2 if axis == -2 else -1], torch.float16)
-        out.append((f"kv quantize/dequantize int{bits} G={g}", fn))
+        out.append((f"kv quantize/dequantize int{bits} G={g}", fn, ARCHS))
 
     def fp8():
         from tokops.triton_kernels import kv_quant as m
@@ -248,17 +273,20 @@ def kv_quant_cases(quick: bool):
         x = _meta((1, 8, 32768, 128), torch.float16)
         m.quantize_fp8(x)
         m.dequantize_fp8(_meta(x.shape, torch.float8_e4m3fn), _meta(x.shape[:-1], torch.float32), torch.float16)
-    out.append(("kv quantize/dequantize fp8", fp8))
+    out.append(("kv quantize/dequantize fp8", fp8, ARCHS))
     return out
 
 
 def kv_decode_cases(quick: bool):
     import torch
 
-    modes = [("int", 4), ("fp8", 8)] if quick else [("int", 8), ("int", 4), ("int", 2), ("fp8", 8)]
+    if quick:
+        modes = [("int", 4, (90,)), ("fp8", 8, (80,))]  # fp8 on sm_80: the path without fp8 instructions
+    else:
+        modes = [(m, b, ARCHS) for m, b in (("int", 8), ("int", 4), ("int", 2), ("fp8", 8))]
     Bs = (16,) if quick else (1, 16)
     out = []
-    for mode, bits in modes:
+    for mode, bits, archs in modes:
         for B in Bs:
             def fn(mode=mode, bits=bits, B=B):
                 from tokops.triton_kernels import kv_decode as m
@@ -281,7 +309,7 @@ def kv_decode_cases(quick: bool):
                     vs = vz = _meta((B, HKV, L, D // G), torch.float16)
                 m.decode_attention(q, kc, ks, kz, vc, vs, vz, *res, nq, R, mode, bits, bits, G, ka, va, D ** -0.5,
                                    True)
-            out.append((f"kv decode {mode}{'' if mode == 'fp8' else bits} B={B}", fn))
+            out.append((f"kv decode {mode}{'' if mode == 'fp8' else bits} B={B}", fn, archs))
     return out
 
 
@@ -296,12 +324,13 @@ def merge_cases(quick: bool):
 
             x = _meta((B, N, C), torch.float16)
             r = max(1, N // 4)
+            _tag(f"N={N} C={C}")
             m.tome_match(x, None, True, False)
             m.pitome_energy(x, 0.9, 1.0, True)
             n_out = N - r
             m.segment_reduce(x, None, _meta((B, N), torch.int64), _meta((B, n_out + 1), torch.int64), "mean")
             m.token_gather(x, _meta((B, N), torch.int64), 0.0)
-        out.append((f"merge B={B} N={N} C={C}", fn))
+        out.append((f"merge B={B} N={N} C={C}", fn, (90,) if quick else ARCHS))
     return out
 
 
@@ -329,8 +358,17 @@ def _ptxas():
     raise FileNotFoundError("Triton's bundled ptxas was not found")
 
 
+def parse_ptxas_log(log: str) -> tuple[int, int, int] | None:
+    """(registers, spill store bytes, spill load bytes) from a ``ptxas -v`` log, or None."""
+    regs = re.search(r"Used (\d+) registers", log)
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not regs or not m:
+        return None
+    return int(regs.group(1)), int(m.group(1)), int(m.group(2))
+
+
 def ptxas_usage(ptx: str) -> tuple[int, int, int]:
-    """(registers, spill store bytes, spill load bytes) from ``ptxas -v``."""
+    """(registers, spill store bytes, spill load bytes) from running Triton's bundled ``ptxas -v``."""
     arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).split(",")[0]
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
@@ -340,10 +378,7 @@ def ptxas_usage(ptx: str) -> tuple[int, int, int]:
                            capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"ptxas failed: {r.stderr[-2000:]}")
-    log = r.stderr + r.stdout
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return regs, int(m.group(1)), int(m.group(2))
+    return parse_ptxas_log(r.stderr + r.stdout)
 
 
 def ttgir_facts(ttgir: str) -> tuple[int, str]:
@@ -364,7 +399,8 @@ def analyse(rec: Record) -> None:
     k = rec.kernel_obj
     md = k.metadata
     rec.shared, rec.num_warps, rec.num_stages = int(md.shared), int(md.num_warps), int(md.num_stages)
-    rec.registers, rec.spill_stores, rec.spill_loads = ptxas_usage(k.asm["ptx"])
+    usage = parse_ptxas_log(rec.ptxas_log) or ptxas_usage(k.asm["ptx"])  # the latter: log not captured
+    rec.registers, rec.spill_stores, rec.spill_loads = usage
     rec.async_copies, rec.mma = ttgir_facts(k.asm["ttgir"])
     limit = SHARED_LIMIT[rec.arch]
     if rec.shared > limit:
@@ -388,17 +424,25 @@ def _accepted(table: dict, rec: Record) -> str | None:
 
 
 # --------------------------------------------------------------------------- driver
-def run_check(archs=ARCHS, quick: bool = False, only: str | None = None, log=print) -> list[Record]:
+def run_check(archs=ARCHS, quick: bool = False, only: str | None = None, log=None, exact: str | None = None
+              ) -> list[Record]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("unset TRITON_INTERPRET: the kernel check runs Triton's GPU compiler")
     import triton
 
+    if log is None:
+        def log(msg):
+            print(msg, flush=True)
+
     log(f"[kernel_check] triton {triton.__version__}, archs {list(archs)}, {'quick' if quick else 'full'} matrix")
     records: list[Record] = []
-    cases = [c for c in all_cases(quick) if only is None or only in c[0]]
+    cases = [c for c in all_cases(quick) if (only is None or only in c[0]) and (exact is None or exact == c[0])]
     for arch in archs:
-        for label, fn in cases:
+        for label, fn, case_archs in cases:
+            if arch not in case_archs:
+                continue
             t0 = time.time()
+            _tag("")
             sink: list[Record] = []
             with compile_only(arch, sink) as state:
                 state["case"] = label
@@ -423,6 +467,24 @@ def run_check(archs=ARCHS, quick: bool = False, only: str | None = None, log=pri
             except Exception as e:  # noqa: BLE001
                 r.error = f"analysis failed: {type(e).__name__}: {e}"
     return unique
+
+
+def _one_case(arch: int, quick: bool, label: str) -> list[Record]:
+    recs = run_check((arch,), quick, exact=label)
+    for r in recs:
+        r.kernel_obj = None  # not picklable; everything needed is in the record
+    return recs
+
+
+def run_parallel(archs, quick: bool, only: str | None, jobs: int) -> list[Record]:
+    """run_check over ``jobs`` processes, one (arch, case) per task."""
+    import concurrent.futures
+    import multiprocessing
+
+    tasks = [(arch, quick, c[0]) for arch in archs for c in all_cases(quick)
+             if arch in c[2] and (only is None or only in c[0])]
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return [r for recs in ex.map(_one_case, *zip(*tasks)) for r in recs]
 
 
 def failures(records: list[Record]) -> list[str]:
@@ -478,9 +540,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, action="append", help="80 or 90 (default: both)")
     ap.add_argument("--only", help="only cases whose label contains this")
     ap.add_argument("--report", help="write the markdown report here")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     a = ap.parse_args(argv)
     t0 = time.time()
-    recs = run_check(tuple(a.arch or ARCHS), a.quick, a.only)
+    archs = tuple(a.arch or ARCHS)
+    recs = run_parallel(archs, a.quick, a.only, a.jobs) if a.jobs > 1 else run_check(archs, a.quick, a.only)
     fails = failures(recs)
     for r in recs:
         if r.accepted:

@@ -329,19 +329,33 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _tiles(block_q: int, block_k: int, D: int, kind: str):
-    """(BM, BN, num_warps, num_stages). BM | block_q and BN | block_k."""
+# (BM, BN, num_warps, num_stages) per kernel, head dim (padded: 64 = up to 64) and operand width, chosen
+# with benchmarks/kernel_check.py so that on sm_80 (164 KB of shared memory per block) and sm_90 the
+# loops are pipelined, nothing spills and shared memory fits.  BM: query rows, BN: key rows.
+_TILES = {
+    # kind, bd, 4-byte operands (fp32): (BM, BN, warps, stages)
+    ("fwd", 64, False): (128, 64, 4, 3), ("fwd", 64, True): (64, 64, 4, 3),
+    ("fwd", 128, False): (128, 64, 8, 3), ("fwd", 128, True): (64, 32, 4, 3),
+    ("fwd", 256, False): (64, 32, 8, 3), ("fwd", 256, True): (32, 16, 4, 2),
+    ("dq", 64, False): (64, 64, 4, 2), ("dq", 64, True): (64, 64, 4, 2),
+    ("dq", 128, False): (64, 64, 4, 2), ("dq", 128, True): (64, 32, 4, 2),
+    ("dq", 256, False): (64, 32, 8, 2), ("dq", 256, True): (32, 32, 8, 2),
+    ("dkdv", 64, False): (64, 64, 4, 2), ("dkdv", 64, True): (64, 64, 4, 2),
+    ("dkdv", 128, False): (32, 64, 8, 2), ("dkdv", 128, True): (32, 64, 8, 2),
+    ("dkdv", 256, False): (32, 32, 8, 2), ("dkdv", 256, True): (16, 32, 8, 2),
+    ("mass", 64, False): (64, 64, 4, 2), ("mass", 64, True): (64, 64, 4, 2),
+    ("mass", 128, False): (64, 64, 4, 2), ("mass", 128, True): (64, 64, 4, 2),
+    ("mass", 256, False): (64, 64, 4, 2), ("mass", 256, True): (32, 64, 4, 2),
+}
+
+
+def _tiles(block_q: int, block_k: int, D: int, kind: str, dtype=torch.float16):
+    """(BM, BN, BD, num_warps, num_stages). BM | block_q and BN | block_k."""
     bd = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16; padded channels are masked
     if triton_interpreter():  # bigger tiles = fewer interpreted steps
         return min(64, block_q), min(64, block_k), bd, 4, 1
-    if kind == "fwd":
-        bm, bn = min(128, block_q), min(64, block_k)
-        return bm, bn, bd, (8 if bd >= 128 and bm >= 128 else 4), 3
-    if kind == "dq":
-        return min(64, block_q), min(64, block_k), bd, 4, 2
-    if kind == "dkdv":
-        return min(32 if bd >= 128 else 64, block_q), min(64, block_k), bd, 4, 2
-    return min(64, block_q), min(64, block_k), bd, 4, 2  # mass
+    bm, bn, warps, stages = _TILES[(kind, max(64, bd), dtype == torch.float32)]
+    return min(bm, block_q), min(bn, block_k), bd, warps, stages
 
 
 def _bias_args(key_bias, q):
@@ -365,7 +379,7 @@ def fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key
     num = kv_num_blocks.expand(B, H, -1)
     idx = kv_indices.expand(B, H, -1, -1)
     bias, sbb, sbh, has_bias = _bias_args(key_bias, q)
-    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "fwd")
+    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "fwd", q.dtype)
     n_tiles = triton.cdiv(Nq, BM) * B * H
     nk = idx.shape[-1]
     splits = _num_splits(n_tiles, nk, q.device) if num_splits is None else max(1, min(int(num_splits), nk))
@@ -435,14 +449,14 @@ def bwd(dout, q, k, v, out, lse, dlse, kv_num_blocks, kv_indices, q_num_blocks, 
     qn = q_num_blocks.expand(B, H, -1)
     qi = q_indices.expand(B, H, -1, -1)
     common = dict(BLOCK_Q=block_q, BLOCK_K=block_k, CAUSAL=bool(causal), HAS_BIAS=has_bias, PREC=_prec(q.dtype))
-    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dq")
+    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dq", q.dtype)
     _bwd_dq_kernel[(triton.cdiv(Nq, BM), B * H)](
         q, k, v, bias, dout, lse, delta, dq, num, idx,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
         sbb, sbh, *num.stride(), *idx.stride()[:3],
         H, H // Hkv, Nq, Nk, D, Nk - Nq, _qk_scale(scale), scale,
         BM=BM, BN=BN, BD=BD, num_warps=warps, num_stages=stages, **common)
-    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dkdv")
+    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dkdv", q.dtype)
     _bwd_dkdv_kernel[(triton.cdiv(Nk, BN), B * Hkv)](
         q, k, v, bias, dout, lse, delta, dk, dv, dbias_arg, qn, qi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
@@ -459,7 +473,7 @@ def key_mass(q, k, lse, q_num_blocks, q_indices, block_q, block_k, causal, scale
     qn = q_num_blocks.expand(B, H, -1)
     qi = q_indices.expand(B, H, -1, -1)
     bias, sbb, sbh, has_bias = _bias_args(key_bias, q)
-    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "mass")
+    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "mass", q.dtype)
     _mass_kernel[(triton.cdiv(Nk, BN), B * H)](
         q, k, bias, lse.contiguous(), mass, qn, qi,
         *q.stride()[:3], *k.stride()[:3], sbb, sbh, *qn.stride(), *qi.stride()[:3],

@@ -88,6 +88,7 @@ def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, L, C, W, n_units
                        csr, cst, csc, ssr, sst, ssc, osr, ost, osc,
                        BITS: tl.constexpr, G: tl.constexpr, U: tl.constexpr, BC: tl.constexpr):
     CPW: tl.constexpr = 32 // BITS
+    NG: tl.constexpr = U // G
     NW: tl.constexpr = U // CPW
     QMAX: tl.constexpr = (1 << BITS) - 1
     r, u, t, c = _unit_coords(L, C, n_units, n_cblocks, U, BC)
@@ -98,12 +99,16 @@ def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, L, C, W, n_units
     words = words.to(tl.uint32, bitcast=True)
     shifts = (tl.arange(0, CPW) * BITS).to(tl.uint32)
     q3 = (words[:, None, :] >> shifts[None, :, None]) & QMAX
-    q = tl.reshape(q3, (U, BC)).to(tl.float32)
+    q = tl.reshape(q3, (NG, G, BC)).to(tl.float32)
     mask = (t < L)[:, None] & cmask[None, :]
-    soff = r * ssr + (t // G)[:, None] * sst + c[None, :] * ssc
-    s = tl.load(scale_ptr + soff, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(zero_ptr + soff, mask=mask, other=0.0).to(tl.float32)
-    out = q * s + z  # launched with enable_fp_fusion=False: two roundings, like the reference
+    # scale and zero: loaded once per group (not per element), broadcast over the group's G rows
+    g = u * NG + tl.arange(0, NG)
+    soff = r * ssr + g[:, None] * sst + c[None, :] * ssc
+    gmask = (g * G < L)[:, None] & cmask[None, :]
+    s = tl.load(scale_ptr + soff, mask=gmask, other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + soff, mask=gmask, other=0.0).to(tl.float32)
+    # launched with enable_fp_fusion=False: two roundings, like the reference
+    out = tl.reshape(q * s[:, None, :] + z[:, None, :], (U, BC))
     tl.store(out_ptr + r * osr + t[:, None] * ost + c[None, :] * osc, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
