@@ -487,11 +487,17 @@ def run_parallel(archs, quick: bool, only: str | None, jobs: int) -> list[Record
         return [r for recs in ex.map(_one_case, *zip(*tasks)) for r in recs]
 
 
+def _short(error: str) -> str:
+    """First and last lines of an error (a Triton CompilationError puts the cause last)."""
+    lines = [ln.strip() for ln in error.splitlines() if ln.strip()]
+    return (lines[0] + (" ... " + lines[-1] if len(lines) > 1 else ""))[:500]
+
+
 def failures(records: list[Record]) -> list[str]:
     out = []
     for r in records:
         if r.error:
-            out.append(f"sm_{r.arch} {r.kernel} [{r.case}] compile error: {r.error.splitlines()[0][:400]}")
+            out.append(f"sm_{r.arch} {r.kernel} [{r.case}] compile error: {_short(r.error)}")
         for p in r.problems:
             out.append(f"sm_{r.arch} {r.kernel} [{r.config}]: {p}")
     return out
@@ -511,7 +517,7 @@ def report_markdown(records: list[Record], cmd: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r.kernel, -r.arch, r.config)):
         if r.error:
-            status = "ERROR: " + r.error.splitlines()[0][:120].replace("|", "/")
+            status = "ERROR: " + _short(r.error).replace("|", "/")
             lines.append(f"| {r.kernel} | sm_{r.arch} | {r.case} | | | | | | | | {status} |")
             continue
         status = "; ".join(r.problems) or ("ok" if not r.accepted else "accepted: " + "; ".join(r.accepted))
