@@ -7,7 +7,8 @@
 #   bash scripts/kernel_check.sh [--report FILE] [kernel_check args, e.g. --quick --jobs 2 --arch 80]
 #
 # --report is written by the first run only (the committed report is from the CI Triton).
-# Environment: TOKOPS_VENV (the main venv, default .venv), TOKOPS_T36_VENV (default /tmp/tokops-triton36).
+# Environment: TOKOPS_VENV (the main venv, default .venv), TOKOPS_T36_VENV (default /tmp/tokops-triton36),
+# TOKOPS_T36_ARGS (kernel_check args of the Triton 3.6.0 run instead of the ones given, e.g. "--quick").
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -38,5 +39,6 @@ if ! "$T36/bin/python" -c "import triton, sys; sys.exit(triton.__version__ != '$
   echo "[kernel_check.sh] installed triton $VERSION in $(( $(date +%s) - start )) s"
 fi
 "$T36/bin/python" -c "import triton; assert triton.__version__ == '$VERSION', triton.__version__"
+if [ -n "${TOKOPS_T36_ARGS:-}" ]; then read -r -a args <<< "$TOKOPS_T36_ARGS"; fi
 env -u TRITON_INTERPRET "$T36/bin/python" -m benchmarks.kernel_check "${args[@]}"
 echo "[kernel_check.sh] triton $VERSION: $(( $(date +%s) - start )) s"
