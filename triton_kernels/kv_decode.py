@@ -272,7 +272,10 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_re
         k_codes.stride(1), k_scale.stride(1), v_codes.stride(1), v_scale.stride(1),
         k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
         D, k_wd, D // group_size, v_wd, D // group_size, qsplits, iters_q, iters_r, S,
-        BITS_K=bits_k, BITS_V=bits_v, K_AXIS=key_axis, V_AXIS=value_axis, BM=BM, **common)
+        BITS_K=bits_k, BITS_V=bits_v, K_AXIS=key_axis, V_AXIS=value_axis, BM=BM,
+        # 8 warps: two dequantized (BN, BD) fp32 tiles live at once; with 4 warps the kernel sits at
+        # 255 registers and spills on sm_80 (benchmarks/kernel_check.py)
+        num_warps=4 if interp else 8, **common)
     _merge_kernel[(B * H * NQ,)](m_part, l_part, acc_part, out, lse, S, D,
                                  BS=max(2, triton.next_power_of_2(S)), BD=BD)
     if return_mass:
