@@ -43,13 +43,18 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # SM counts the launch heuristics see (H100/H200 SXM: 132, A100: 108).
 SMS = {80: 108, 90: 132}
 
-# Kernels whose main loop must be software-pipelined (async copies in the TTGIR).
+# The attention and decode kernels, whose key/query loop must be software-pipelined (async copies in
+# the TTGIR; issue 12).  (kv_decode._mass_kernel is not listed: its loop runs over the query heads of a
+# key tile, with one small q load per step, the key tile being loaded once.)
 MUST_PIPELINE = {
     "block_sparse_attn._fwd_kernel", "block_sparse_attn._bwd_dq_kernel", "block_sparse_attn._bwd_dkdv_kernel",
     "block_sparse_attn._mass_kernel", "kv_decode._decode_partial_kernel",
 }
-# Known exceptions: (kernel, predicate on the record) -> why.  Each one is a performance bug with an
-# issue, not a pass: the report lists them.  Keep this list short and explicit.
+# Spills fail in every kernel (each one is on a hot path: there is no cold setup kernel here).
+# Known exceptions, reported as "accepted" in the report and printed by every run, never silent:
+#   "module._kernel|cond&cond" -> why, where each cond is a substring of "sm_<arch> <config>",
+#   e.g. "block_sparse_attn._bwd_dkdv_kernel|sm_80&BD=256": "issue 12: ...".
+# Both lists are empty: every configuration of the matrix pipelines and nothing spills.
 ACCEPTED_NOT_PIPELINED: dict[str, str] = {}
 ACCEPTED_SPILLS: dict[str, str] = {}
 
