@@ -54,9 +54,15 @@ MUST_PIPELINE = {
 # Known exceptions, reported as "accepted" in the report and printed by every run, never silent:
 #   "module._kernel|cond&cond" -> why, where each cond is a substring of "sm_<arch> <config>",
 #   e.g. "block_sparse_attn._bwd_dkdv_kernel|sm_80&BD=256": "issue 12: ...".
-# Both lists are empty: every configuration of the matrix pipelines and nothing spills.
+# ACCEPTED_SPILLS values are (most spill bytes accepted, stores + loads; why): a bigger spill fails.
 ACCEPTED_NOT_PIPELINED: dict[str, str] = {}
-ACCEPTED_SPILLS: dict[str, str] = {}
+ACCEPTED_SPILLS: dict[str, tuple[int, str]] = {
+    # Triton 3.8 (ptxas --regAllocOptLevel=2), sm_80, 16-bit dQ with causal + key bias at D 64/128:
+    # 8-40 B of spills per thread; retuning the dQ tile (8 warps) is issue 12's tile work.
+    "block_sparse_attn._bwd_dq_kernel|sm_80&PREC=tf32&HAS_BIAS=True": (96, "small dQ spill with causal+bias, issue 12"),
+    # sm_90, the decode-shaped forward (16 query rows, split-K) at D=64: 8 B stored, 4 B loaded.
+    "block_sparse_attn._fwd_kernel|sm_90&BM=16 &BD=64 &PREC=tf32": (32, "12 B spill of the 16-row decode tile, issue 12"),
+}
 
 
 # --------------------------------------------------------------------------- stand-in driver
@@ -411,7 +417,9 @@ def analyse(rec: Record) -> None:
     if rec.shared > limit:
         rec.problems.append(f"shared memory {rec.shared} B > sm_{rec.arch} limit {limit} B")
     if rec.spill_stores or rec.spill_loads:
-        why = _accepted(ACCEPTED_SPILLS, rec)
+        cap, why = _accepted(ACCEPTED_SPILLS, rec) or (0, None)
+        if rec.spill_stores + rec.spill_loads > cap:
+            why = None
         msg = f"spills {rec.spill_stores} B stores / {rec.spill_loads} B loads"
         (rec.accepted if why else rec.problems).append(msg + (f" (accepted: {why})" if why else ""))
     if rec.kernel in MUST_PIPELINE and rec.async_copies == 0:

@@ -333,18 +333,20 @@ def _prec(dtype):
 # with benchmarks/kernel_check.py so that on sm_80 (164 KB of shared memory per block) and sm_90 the
 # loops are pipelined, nothing spills and shared memory fits.  BM: query rows, BN: key rows.
 _TILES = {
-    # kind, bd, 4-byte operands (fp32): (BM, BN, warps, stages)
-    ("fwd", 64, False): (128, 64, 4, 3), ("fwd", 64, True): (64, 64, 4, 3),
-    ("fwd", 128, False): (128, 64, 8, 3), ("fwd", 128, True): (64, 32, 4, 3),
+    # kind, bd, 4-byte operands (fp32): (BM, BN, warps, stages).  fp32 uses IEEE fp32 dots (FMA, no
+    # tensor cores), whose operands and accumulators all live in registers: the tiles that fit at
+    # D=256 without spilling are used at every D (fewer registers at smaller D).
+    ("fwd", 64, False): (128, 64, 4, 3), ("fwd", 64, True): (32, 16, 4, 2),
+    ("fwd", 128, False): (128, 64, 8, 3), ("fwd", 128, True): (32, 16, 4, 2),
     ("fwd", 256, False): (64, 32, 8, 3), ("fwd", 256, True): (32, 16, 4, 2),
-    ("dq", 64, False): (64, 64, 4, 2), ("dq", 64, True): (64, 64, 4, 2),
-    ("dq", 128, False): (64, 64, 4, 2), ("dq", 128, True): (64, 32, 4, 2),
+    ("dq", 64, False): (64, 64, 4, 2), ("dq", 64, True): (32, 32, 8, 2),
+    ("dq", 128, False): (64, 64, 4, 2), ("dq", 128, True): (32, 32, 8, 2),
     ("dq", 256, False): (64, 32, 8, 2), ("dq", 256, True): (32, 32, 8, 2),
-    ("dkdv", 64, False): (64, 64, 4, 2), ("dkdv", 64, True): (64, 64, 4, 2),
-    ("dkdv", 128, False): (32, 64, 8, 2), ("dkdv", 128, True): (32, 64, 8, 2),
+    ("dkdv", 64, False): (64, 64, 4, 2), ("dkdv", 64, True): (16, 32, 8, 2),
+    ("dkdv", 128, False): (32, 64, 8, 2), ("dkdv", 128, True): (16, 32, 8, 2),
     ("dkdv", 256, False): (32, 32, 8, 2), ("dkdv", 256, True): (16, 32, 8, 2),
-    ("mass", 64, False): (64, 64, 4, 2), ("mass", 64, True): (64, 64, 4, 2),
-    ("mass", 128, False): (64, 64, 4, 2), ("mass", 128, True): (64, 64, 4, 2),
+    ("mass", 64, False): (64, 64, 4, 2), ("mass", 64, True): (32, 32, 8, 2),
+    ("mass", 128, False): (64, 64, 4, 2), ("mass", 128, True): (32, 32, 8, 2),
     ("mass", 256, False): (64, 64, 4, 2), ("mass", 256, True): (32, 32, 8, 2),
 }
 
