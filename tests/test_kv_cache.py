@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tokops
+from tokops import _registry
 from tokops.kv import QuantizedKVCache, decode_attention, decode_attention_reference
 from tokops.kv.decode import dense_decode
 
@@ -172,6 +173,20 @@ def test_decode_matches_oracle(backend_device, cfg):
     cache = QuantizedKVCache(bk, bv, group_size=G, residual=R, mode=mode, key_axis=ka, value_axis=va)
     _fill(cache, [70, 1, G - 1, 3], B=2, Hk=2, D=32, device=device)  # ragged: 80 quantized + 24 residual
     _check_against_oracle(_q(2, 4, 3, 32).to(device), cache, backend)
+
+
+@pytest.mark.skipif(not (_registry.triton_available() and (_registry.triton_interpreter() or torch.cuda.is_available())),
+                    reason="needs triton (interpreter or GPU)")
+def test_decode_fp8_without_fp8_instructions(monkeypatch):
+    """sm_80/86 have no fp8 instructions: the decode kernel then decodes e4m3fn codes with integer bit
+    manipulation (NATIVE_FP8=False, compiled for sm_80 by the kernel check); same result as the oracle."""
+    from tokops.triton_kernels import kv_decode
+
+    monkeypatch.setattr(kv_decode, "native_fp8", lambda: False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cache = QuantizedKVCache(8, 8, group_size=G, residual=R, mode="fp8")
+    _fill(cache, [70, 1, G - 1, 3], B=2, Hk=2, D=32, device=device)
+    _check_against_oracle(_q(2, 4, 3, 32).to(device), cache, "triton")
 
 
 @pytest.mark.parametrize("nq", range(1, 9))

@@ -239,6 +239,45 @@ def test_fp8(backend_device, shape, dtype):
     assert torch.equal(got, got_codes.float() * ft.scale.cpu().unsqueeze(-1))
 
 
+@pytest.mark.skipif(not (_registry.triton_available() and (_registry.triton_interpreter() or torch.cuda.is_available())),
+                    reason="needs triton (interpreter or GPU)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_without_fp8_instructions(monkeypatch, dtype):
+    """sm_80/sm_86 have no fp8 conversion instructions: the Triton fp8 kernels then encode and decode
+    e4m3fn with integer bit manipulation (``NATIVE_FP8=False``); it must give torch's bits exactly,
+    ties to even and subnormals included (the kernel check compiles this path for sm_80)."""
+    from tokops.triton_kernels import kv_quant as tk
+
+    monkeypatch.setattr(tk, "native_fp8", lambda: False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # every e4m3fn value, the midpoints between neighbours (ties), and points just off them
+    vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    vals = vals[vals.isfinite()].unique()
+    mids = (vals[1:] + vals[:-1]) / 2
+    row = torch.cat([vals, mids, mids.nextafter(torch.tensor(float("inf"))), mids.nextafter(-torch.tensor(
+        float("inf")))])
+    x = torch.cat([row, torch.full((2048 - row.numel(),), 0.0)]).view(8, 256)
+    x[:, 0] = 448.0  # scale 1: the values are their own codes
+    x[1] = x[1] * 0.37 - 0.1
+    x[2] = torch.randn(256, generator=torch.Generator().manual_seed(3)) * 1e-3
+    x[3] = 0.0
+    x = x.to(dtype)
+    exp_codes, exp_scale = ref.quantize_fp8(x)
+    ft = tokops.kv.quantize_fp8(x.to(device), backend="triton")
+    assert torch.equal(ft.scale.cpu(), exp_scale)
+    assert torch.equal(ft.codes.cpu().view(torch.uint8), exp_codes.view(torch.uint8))
+    got = tokops.kv.dequantize_fp8(ft, torch.float32, backend="triton").cpu()
+    assert torch.equal(got, ref.dequantize_fp8(exp_codes, exp_scale, torch.float32))
+    # every finite bit pattern decodes to torch's value
+    all_codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    finite = all_codes.float().isfinite()
+    codes = all_codes[finite].view(1, -1)
+    one = torch.ones(1, dtype=torch.float32)
+    got = tokops.kv.dequantize_fp8(tokops.kv.Fp8Tensor(codes.to(device), one.to(device), torch.float32), torch.float32,
+                                   backend="triton").cpu()
+    assert torch.equal(got, codes.float())
+
+
 # --------------------------------------------------------------------------- bad input
 def _bad_calls():
     x = torch.randn(2, 3, 16, 64)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tokops._registry import new_output, triton_interpreter
+from tokops._registry import gpu_sm_count, new_output, triton_interpreter
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -82,27 +82,33 @@ def _fwd_kernel(Q, K, V, Bias, Out, Lse, KVN, KVI, PAcc, PM, PL,
     nblk = tl.minimum(tl.maximum(tl.load(KVN + b * snb + h * snh + qblk * snq), 0), n_kb)  # bound check
     t_lo = split * per_split
     t_hi = tl.minimum(nblk, t_lo + per_split)
-    for t in range(t_lo, t_hi):
-        kb = tl.load(KVI + b * sib + h * sih + qblk * siq + t)
-        kb_ok = (kb >= 0) & (kb < n_kb)  # an out-of-range block index is skipped, never read
-        for sub in range(0, BLOCK_K // BN):
-            start_n = kb * BLOCK_K + sub * BN
-            if kb_ok & (start_n <= lim_n):
-                offs_n = start_n + tl.arange(0, BN)
-                nmask = offs_n < Nk
-                kT = tl.load(kbase + offs_n[None, :] * skn + offs_d[:, None],
-                             mask=nmask[None, :] & dmask[:, None], other=0.0)
-                s = _logits(q, kT, bbase + offs_n, offs_m, offs_n, Nq, Nk, causal_off, qk_scale,
-                            CAUSAL, HAS_BIAS, PREC)
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_sub)
-                p = tl.exp2(s - m_sub[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(vbase + offs_n[:, None] * svn + offs_d[None, :],
-                            mask=nmask[:, None] & dmask[None, :], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-                m_i = m_new
+    kvi = KVI + b * sib + h * sih + qblk * siq
+    # One flat loop over (listed key block, sub-tile) with the loads at its top level: Triton
+    # software-pipelines it (async copies, num_stages buffers).  A sub-tile entirely above the
+    # causal diagonal is not skipped by an `if` (that would stop the pipelining): its loads are
+    # masked off (no memory traffic) and its logits are all -inf (p = 0, alpha = 1).
+    SUBS: tl.constexpr = BLOCK_K // BN
+    for it in range(t_lo * SUBS, t_hi * SUBS):
+        kb = tl.load(kvi + it // SUBS)
+        # bound check: an out-of-range block index becomes the sentinel n_kb, whose keys all lie past Nk
+        # (loads masked off, logits -inf): never read, whatever the index
+        kb = tl.where((kb >= 0) & (kb < n_kb), kb, n_kb)
+        start_n = kb * BLOCK_K + (it % SUBS) * BN
+        offs_n = start_n + tl.arange(0, BN)
+        nmask = (offs_n < Nk) & (start_n <= lim_n)
+        kT = tl.load(kbase + offs_n[None, :] * skn + offs_d[:, None],
+                     mask=nmask[None, :] & dmask[:, None], other=0.0)
+        v = tl.load(vbase + offs_n[:, None] * svn + offs_d[None, :],
+                    mask=nmask[:, None] & dmask[None, :], other=0.0)
+        s = _logits(q, kT, bbase + offs_n, offs_m, offs_n, Nq, Nk, causal_off, qk_scale,
+                    CAUSAL, HAS_BIAS, PREC)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
     mmask = offs_m < Nq
     if SPLIT:  # flash-decoding: partial (acc, m, l) per split, merged by _combine_kernel
         row = (split * BH + bh).to(tl.int64) * Nq + offs_m
@@ -197,22 +203,24 @@ def _bwd_dq_kernel(Q, K, V, Bias, DO, Lse, Delta, DQ, KVN, KVI,
         lim_n = pid_m * BM + BM - 1 + causal_off  # last key any row of this tile may see
     n_kb = tl.cdiv(Nk, BLOCK_K)
     nblk = tl.minimum(tl.maximum(tl.load(KVN + b * snb + h * snh + qblk * snq), 0), n_kb)  # bound check
-    for t in range(0, nblk):
-        kb = tl.load(KVI + b * sib + h * sih + qblk * siq + t)
-        kb_ok = (kb >= 0) & (kb < n_kb)  # an out-of-range block index is skipped, never read
-        for sub in range(0, BLOCK_K // BN):
-            start_n = kb * BLOCK_K + sub * BN
-            if kb_ok & (start_n <= lim_n):
-                offs_n = start_n + tl.arange(0, BN)
-                nd_mask = (offs_n < Nk)[None, :] & dmask[:, None]
-                kT = tl.load(kbase + offs_n[None, :] * skn + offs_d[:, None], mask=nd_mask, other=0.0)
-                vT = tl.load(vbase + offs_n[None, :] * svn + offs_d[:, None], mask=nd_mask, other=0.0)
-                s = _logits(q, kT, bbase + offs_n, offs_m, offs_n, Nq, Nk, causal_off, qk_scale,
-                            CAUSAL, HAS_BIAS, PREC)
-                p = tl.exp2(s - lse2[:, None])
-                dp = tl.dot(do, vT, input_precision=PREC)
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
+    kvi = KVI + b * sib + h * sih + qblk * siq
+    SUBS: tl.constexpr = BLOCK_K // BN
+    for it in range(0, nblk * SUBS):  # flat, loads at top level: pipelined (see _fwd_kernel)
+        kb = tl.load(kvi + it // SUBS)
+        # bound check: an out-of-range block index becomes the sentinel n_kb, whose keys all lie past Nk
+        # (loads masked off, logits -inf): never read, whatever the index
+        kb = tl.where((kb >= 0) & (kb < n_kb), kb, n_kb)
+        start_n = kb * BLOCK_K + (it % SUBS) * BN
+        offs_n = start_n + tl.arange(0, BN)
+        nd_mask = ((offs_n < Nk) & (start_n <= lim_n))[None, :] & dmask[:, None]
+        kT = tl.load(kbase + offs_n[None, :] * skn + offs_d[:, None], mask=nd_mask, other=0.0)
+        vT = tl.load(vbase + offs_n[None, :] * svn + offs_d[:, None], mask=nd_mask, other=0.0)
+        s = _logits(q, kT, bbase + offs_n, offs_m, offs_n, Nq, Nk, causal_off, qk_scale,
+                    CAUSAL, HAS_BIAS, PREC)
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vT, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
     tl.store(DQ + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=qd_mask)
 
@@ -242,42 +250,44 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, DO, Lse, Delta, DK, DV, DBias, QN, QI,
     if CAUSAL:
         lim_m = pid_n * BN - BM + 1 - causal_off  # query tiles starting below this see no key of the tile
     n_qb = tl.cdiv(Nq, BLOCK_Q)
+    SUBS: tl.constexpr = BLOCK_Q // BM
     for g in range(0, GROUP):
         h = hk * GROUP + g
         bh = b * H + h
         dbias = tl.zeros([BN], tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(Bias + b * sbb + h * sbh + offs_n, mask=nmask, other=0.0) * 1.4426950408889634
         nblk = tl.minimum(tl.maximum(tl.load(QN + b * snb + h * snh + kblk * snk), 0), n_qb)  # bound check
-        for t in range(0, nblk):
-            qb = tl.load(QI + b * sib + h * sih + kblk * sik + t)
-            qb_ok = (qb >= 0) & (qb < n_qb)  # an out-of-range block index is skipped, never read
-            for sub in range(0, BLOCK_Q // BM):
-                start_m = qb * BLOCK_Q + sub * BM
-                if qb_ok & (start_m >= lim_m):
-                    offs_m = start_m + tl.arange(0, BM)
-                    mmask = offs_m < Nq
-                    qd_mask = mmask[:, None] & dmask[None, :]
-                    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=qd_mask,
-                                other=0.0)
-                    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=qd_mask,
-                                 other=0.0)
-                    lse = tl.load(Lse + bh * Nq + offs_m, mask=mmask, other=0.0)
-                    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-                    delta = tl.load(Delta + bh * Nq + offs_m, mask=mmask, other=0.0)
-                    # transposed tile: rows = keys, columns = queries
-                    sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-                    if HAS_BIAS:
-                        bias = tl.load(Bias + b * sbb + h * sbh + offs_n, mask=nmask, other=0.0)
-                        sT += bias[:, None] * 1.4426950408889634
-                    valid = nmask[:, None] & mmask[None, :]
-                    if CAUSAL:
-                        valid = valid & (offs_n[:, None] <= offs_m[None, :] + causal_off)
-                    pT = tl.where(valid, tl.exp2(sT - lse2[None, :]), 0.0)
-                    dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
-                    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-                    dsT = pT * (dpT - delta[None, :])
-                    dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
-                    if HAS_BIAS:
-                        dbias += tl.sum(dsT, 1)
+        qib = QI + b * sib + h * sih + kblk * sik
+        for it in range(0, nblk * SUBS):  # flat, loads at top level: pipelined (see _fwd_kernel)
+            qb = tl.load(qib + it // SUBS)
+            # bound check: an out-of-range block index becomes the sentinel n_qb, whose queries all lie past Nq
+            # (loads masked off, no contribution): never read, whatever the index
+            qb = tl.where((qb >= 0) & (qb < n_qb), qb, n_qb)
+            start_m = qb * BLOCK_Q + (it % SUBS) * BM
+            offs_m = start_m + tl.arange(0, BM)
+            mmask = (offs_m < Nq) & (start_m >= lim_m)  # tiles below the causal limit: masked off
+            qd_mask = mmask[:, None] & dmask[None, :]
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=qd_mask, other=0.0)
+            do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=qd_mask,
+                         other=0.0)
+            lse = tl.load(Lse + bh * Nq + offs_m, mask=mmask, other=0.0)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(Delta + bh * Nq + offs_m, mask=mmask, other=0.0)
+            # transposed tile: rows = keys, columns = queries
+            sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+            if HAS_BIAS:
+                sT += bias[:, None]
+            valid = nmask[:, None] & mmask[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[:, None] <= offs_m[None, :] + causal_off)
+            pT = tl.where(valid, tl.exp2(sT - lse2[None, :]), 0.0)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+            if HAS_BIAS:
+                dbias += tl.sum(dsT, 1)
         if HAS_BIAS:
             tl.store(DBias + bh * Nk + offs_n, dbias, mask=nmask)
     tl.store(DK + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -312,25 +322,27 @@ def _mass_kernel(Q, K, Bias, Lse, Mass, QN, QI,
         lim_m = pid_n * BN - BM + 1 - causal_off  # query tiles starting below this see no key of the tile
     n_qb = tl.cdiv(Nq, BLOCK_Q)
     nblk = tl.minimum(tl.maximum(tl.load(QN + b * snb + h * snh + kblk * snk), 0), n_qb)  # bound check
-    for t in range(0, nblk):
-        qb = tl.load(QI + b * sib + h * sih + kblk * sik + t)
-        qb_ok = (qb >= 0) & (qb < n_qb)  # an out-of-range block index is skipped, never read
-        for sub in range(0, BLOCK_Q // BM):
-            start_m = qb * BLOCK_Q + sub * BM
-            if qb_ok & (start_m >= lim_m):
-                offs_m = start_m + tl.arange(0, BM)
-                mmask = offs_m < Nq
-                q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                            mask=mmask[:, None] & dmask[None, :], other=0.0)
-                lse = tl.load(Lse + bh * Nq + offs_m, mask=mmask, other=0.0)
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-                sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-                if HAS_BIAS:
-                    sT += bias[:, None]
-                valid = nmask[:, None] & mmask[None, :]
-                if CAUSAL:
-                    valid = valid & (offs_n[:, None] <= offs_m[None, :] + causal_off)
-                mass += tl.sum(tl.where(valid, tl.exp2(sT - lse2[None, :]), 0.0), 1)
+    qib = QI + b * sib + h * sih + kblk * sik
+    SUBS: tl.constexpr = BLOCK_Q // BM
+    for it in range(0, nblk * SUBS):  # flat, loads at top level: pipelined (see _fwd_kernel)
+        qb = tl.load(qib + it // SUBS)
+        # bound check: an out-of-range block index becomes the sentinel n_qb, whose queries all lie past Nq
+        # (loads masked off, no contribution): never read, whatever the index
+        qb = tl.where((qb >= 0) & (qb < n_qb), qb, n_qb)
+        start_m = qb * BLOCK_Q + (it % SUBS) * BM
+        offs_m = start_m + tl.arange(0, BM)
+        mmask = (offs_m < Nq) & (start_m >= lim_m)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                    mask=mmask[:, None] & dmask[None, :], other=0.0)
+        lse = tl.load(Lse + bh * Nq + offs_m, mask=mmask, other=0.0)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+        if HAS_BIAS:
+            sT += bias[:, None]
+        valid = nmask[:, None] & mmask[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[:, None] <= offs_m[None, :] + causal_off)
+        mass += tl.sum(tl.where(valid, tl.exp2(sT - lse2[None, :]), 0.0), 1)
     tl.store(Mass + bh * Nk + offs_n, mass, mask=nmask)
 
 
@@ -339,19 +351,35 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _tiles(block_q: int, block_k: int, D: int, kind: str):
-    """(BM, BN, num_warps, num_stages). BM | block_q and BN | block_k."""
+# (BM, BN, num_warps, num_stages) per kernel, head dim (padded: 64 = up to 64) and operand width, chosen
+# with benchmarks/kernel_check.py so that on sm_80 (164 KB of shared memory per block) and sm_90 the
+# loops are pipelined, nothing spills and shared memory fits.  BM: query rows, BN: key rows.
+_TILES = {
+    # kind, bd, 4-byte operands (fp32): (BM, BN, warps, stages).  fp32 uses IEEE fp32 dots (FMA, no
+    # tensor cores), whose operands and accumulators all live in registers: the tiles that fit at
+    # D=256 without spilling are used at every D (fewer registers at smaller D).
+    ("fwd", 64, False): (128, 64, 4, 3), ("fwd", 64, True): (32, 16, 4, 2),
+    ("fwd", 128, False): (128, 64, 8, 3), ("fwd", 128, True): (32, 16, 4, 2),
+    ("fwd", 256, False): (64, 32, 8, 3), ("fwd", 256, True): (32, 16, 4, 2),
+    ("dq", 64, False): (64, 64, 4, 2), ("dq", 64, True): (32, 32, 8, 2),
+    ("dq", 128, False): (64, 64, 4, 2), ("dq", 128, True): (32, 32, 8, 2),
+    ("dq", 256, False): (64, 32, 8, 2), ("dq", 256, True): (32, 32, 8, 2),
+    ("dkdv", 64, False): (64, 64, 4, 2), ("dkdv", 64, True): (16, 32, 8, 2),
+    ("dkdv", 128, False): (32, 64, 8, 2), ("dkdv", 128, True): (16, 32, 8, 2),
+    ("dkdv", 256, False): (32, 32, 8, 2), ("dkdv", 256, True): (16, 32, 8, 2),
+    ("mass", 64, False): (64, 64, 4, 2), ("mass", 64, True): (32, 32, 8, 2),
+    ("mass", 128, False): (64, 64, 4, 2), ("mass", 128, True): (32, 32, 8, 2),
+    ("mass", 256, False): (64, 64, 4, 2), ("mass", 256, True): (32, 32, 8, 2),
+}
+
+
+def _tiles(block_q: int, block_k: int, D: int, kind: str, dtype=torch.float16):
+    """(BM, BN, BD, num_warps, num_stages). BM | block_q and BN | block_k."""
     bd = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16; padded channels are masked
     if triton_interpreter():  # bigger tiles = fewer interpreted steps
         return min(64, block_q), min(64, block_k), bd, 4, 1
-    if kind == "fwd":
-        bm, bn = min(128, block_q), min(64, block_k)
-        return bm, bn, bd, (8 if bd >= 128 and bm >= 128 else 4), 3
-    if kind == "dq":
-        return min(64, block_q), min(64, block_k), bd, 4, 2
-    if kind == "dkdv":
-        return min(32 if bd >= 128 else 64, block_q), min(64, block_k), bd, 4, 2
-    return min(64, block_q), min(64, block_k), bd, 4, 2  # mass
+    bm, bn, warps, stages = _TILES[(kind, max(64, bd), dtype == torch.float32)]
+    return min(bm, block_q), min(bn, block_k), bd, warps, stages
 
 
 def _bias_args(key_bias, q):
@@ -375,7 +403,7 @@ def fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key
     num = kv_num_blocks.expand(B, H, -1)
     idx = kv_indices.expand(B, H, -1, -1)
     bias, sbb, sbh, has_bias = _bias_args(key_bias, q)
-    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "fwd")
+    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "fwd", q.dtype)
     n_tiles = triton.cdiv(Nq, BM) * B * H
     nk = idx.shape[-1]
     splits = _num_splits(n_tiles, nk, q.device) if num_splits is None else max(1, min(int(num_splits), nk))
@@ -404,14 +432,14 @@ def fwd(q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causal, scale, key
 def _num_splits(n_tiles: int, nk: int, device) -> int:
     """Split the key-block list of each query tile (flash-decoding) when the query tiles alone
     cannot fill the GPU: aim for ~2 programs per SM, at least 4 key blocks per split."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # interpreter: a small pretend GPU so that tests exercise the split path
+    sms = gpu_sm_count(device)
+    on_gpu = sms is not None
+    if not on_gpu:  # interpreter: a small pretend GPU so that tests exercise the split path
         sms = 4
     if n_tiles >= sms or nk < 2:
         return 1
     want = triton.cdiv(2 * sms, n_tiles)
-    cap = nk if device.type != "cuda" else max(1, nk // 4)
+    cap = nk if not on_gpu else max(1, nk // 4)
     return max(1, min(want, cap, 128))
 
 
@@ -448,14 +476,14 @@ def bwd(dout, q, k, v, out, lse, dlse, kv_num_blocks, kv_indices, q_num_blocks, 
     qn = q_num_blocks.expand(B, H, -1)
     qi = q_indices.expand(B, H, -1, -1)
     common = dict(BLOCK_Q=block_q, BLOCK_K=block_k, CAUSAL=bool(causal), HAS_BIAS=has_bias, PREC=_prec(q.dtype))
-    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dq")
+    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dq", q.dtype)
     _bwd_dq_kernel[(triton.cdiv(Nq, BM), B * H)](
         q, k, v, bias, dout, lse, delta, dq, num, idx,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
         sbb, sbh, *num.stride(), *idx.stride()[:3],
         H, H // Hkv, Nq, Nk, D, Nk - Nq, _qk_scale(scale), scale,
         BM=BM, BN=BN, BD=BD, num_warps=warps, num_stages=stages, **common)
-    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dkdv")
+    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dkdv", q.dtype)
     _bwd_dkdv_kernel[(triton.cdiv(Nk, BN), B * Hkv)](
         q, k, v, bias, dout, lse, delta, dk, dv, dbias_arg, qn, qi,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3],
@@ -472,7 +500,7 @@ def key_mass(q, k, lse, q_num_blocks, q_indices, block_q, block_k, causal, scale
     qn = q_num_blocks.expand(B, H, -1)
     qi = q_indices.expand(B, H, -1, -1)
     bias, sbb, sbh, has_bias = _bias_args(key_bias, q)
-    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "mass")
+    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "mass", q.dtype)
     _mass_kernel[(triton.cdiv(Nk, BN), B * H)](
         q, k, bias, lse.contiguous(), mass, qn, qi,
         *q.stride()[:3], *k.stride()[:3], sbb, sbh, *qn.stride(), *qi.stride()[:3],

@@ -26,16 +26,19 @@ import torch
 import triton
 import triton.language as tl
 
-from tokops._registry import new_output
+from tokops._registry import gpu_sm_count, new_output
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+from .kv_quant import _fp8_e4m3_value, native_fp8
+
+# Globals read inside @triton.jit code must be tl.constexpr (the compiler rejects plain module globals).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
 def _load_quant_tile(codes_ptr, scale_ptr, zero_ptr, bh, t0, end, d, dmask, c_bh, s_bh, D, WD, NGD,
                      FP8: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr,
-                     BN: tl.constexpr, BD: tl.constexpr):
+                     BN: tl.constexpr, BD: tl.constexpr, NATIVE_FP8: tl.constexpr):
     """Dequantized fp32 tile ``(BN, BD)`` of tokens ``[t0, t0 + BN)`` (``t0`` a multiple of ``BN``) of
     kv head ``bh``; zeros at tokens ``>= end``.  Each int32 word is loaded once and unpacked in
     registers (shift + mask + reshape)."""
@@ -47,7 +50,10 @@ def _load_quant_tile(codes_ptr, scale_ptr, zero_ptr, bh, t0, end, d, dmask, c_bh
     if FP8:
         c = tl.load(codes_ptr + bh * c_bh + t2 * D + d2, mask=m2, other=0)
         s = tl.load(scale_ptr + bh * s_bh + t.to(tl.int64), mask=tmask, other=0.0)
-        x = c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s[:, None]
+        if NATIVE_FP8:
+            x = c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s[:, None]
+        else:  # sm_80/86: no fp8 instructions
+            x = _fp8_e4m3_value(c.to(tl.int32)) * s[:, None]
     else:
         CPW: tl.constexpr = 32 // BITS
         QMAX: tl.constexpr = (1 << BITS) - 1
@@ -100,7 +106,7 @@ def _decode_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, m_ptr, l_ptr, 
                            D, K_WD, K_NGD, V_WD, V_NGD, n_qsplits, iters_q, iters_r, S,
                            FP8: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, G: tl.constexpr,
                            K_AXIS: tl.constexpr, V_AXIS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                           BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, NATIVE_FP8: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // HKV
@@ -125,11 +131,11 @@ def _decode_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, m_ptr, l_ptr, 
             t = t0 + tl.arange(0, BN)
             tmask = t < end
             k = _load_quant_tile(kc, ks, kz, bh, t0, end, d, dmask, kc_bh, ks_bh, D, K_WD, K_NGD,
-                                 FP8, BITS_K, G, K_AXIS, BN, BD)
+                                 FP8, BITS_K, G, K_AXIS, BN, BD, NATIVE_FP8)
             s = _dot(q, tl.trans(k), DOT_DTYPE) * qk_scale
             s = tl.where(tmask[None, :] & (t[None, :] <= limit[:, None]), s, float("-inf"))
             v = _load_quant_tile(vc, vs, vz, bh, t0, end, d, dmask, vc_bh, vs_bh, D, V_WD, V_NGD,
-                                 FP8, BITS_V, G, V_AXIS, BN, BD)
+                                 FP8, BITS_V, G, V_AXIS, BN, BD, NATIVE_FP8)
             m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_DTYPE)
     else:
         start = (split - n_qsplits) * (iters_r * BN)
@@ -175,7 +181,8 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, S, D, BS: tl.constexp
 def _mass_kernel(q_ptr, kc, ks, kz, kr, lse_ptr, mass_ptr, n_quant, n_res, L, NQ, GQ, HKV, H, qk_scale,
                  kc_bh, ks_bh, kr_bh, kr_t, D, K_WD, K_NGD, n_qblocks,
                  FP8: tl.constexpr, BITS_K: tl.constexpr, G: tl.constexpr, K_AXIS: tl.constexpr,
-                 DOT_DTYPE: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+                 DOT_DTYPE: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                 NATIVE_FP8: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     b = bh // HKV
@@ -186,7 +193,7 @@ def _mass_kernel(q_ptr, kc, ks, kz, kr, lse_ptr, mass_ptr, n_quant, n_res, L, NQ
         t = blk * BN + tl.arange(0, BN)
         tmask = t < n_quant
         k = _load_quant_tile(kc, ks, kz, bh, blk * BN, n_quant, d, dmask, kc_bh, ks_bh, D, K_WD, K_NGD,
-                             FP8, BITS_K, G, K_AXIS, BN, BD)
+                             FP8, BITS_K, G, K_AXIS, BN, BD, NATIVE_FP8)
         pos = t
     else:
         t = (blk - n_qblocks) * BN + tl.arange(0, BN)
@@ -212,8 +219,9 @@ _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: t
 
 
 def _target_programs(device) -> int:
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    sms = gpu_sm_count(device)
+    if sms is not None:
+        return 2 * sms
     return int(os.environ.get("TOKOPS_KV_DECODE_CPU_PROGRAMS", "16"))
 
 
@@ -235,7 +243,7 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_re
     fp8 = mode == "fp8"
     if fp8:  # unused by the kernel; any pointer will do
         k_zero, v_zero = k_scale, v_scale
-    interp = dev.type != "cuda"
+    interp = gpu_sm_count(dev) is None
     BN = 32 if interp else 64
     BD = max(16, triton.next_power_of_2(D))
     BM = max(16, triton.next_power_of_2(GQ * NQ))
@@ -256,15 +264,18 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_re
     acc_part = torch.empty((B, H, NQ, S, D), dtype=torch.float32, device=dev)
     k_wd = D * bits_k // 32 if not fp8 else D
     v_wd = D * bits_v // 32 if not fp8 else D
-    qk_scale = scale * _LOG2E
-    common = dict(FP8=fp8, G=group_size, DOT_DTYPE=dot, BN=BN, BD=BD)
+    qk_scale = scale * _LOG2E.value
+    common = dict(FP8=fp8, G=group_size, DOT_DTYPE=dot, BN=BN, BD=BD, NATIVE_FP8=not fp8 or native_fp8())
     _decode_partial_kernel[(B * HKV, S)](
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, m_part, l_part, acc_part,
         n_quant, n_res, L, NQ, GQ, HKV, H, qk_scale,
         k_codes.stride(1), k_scale.stride(1), v_codes.stride(1), v_scale.stride(1),
         k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
         D, k_wd, D // group_size, v_wd, D // group_size, qsplits, iters_q, iters_r, S,
-        BITS_K=bits_k, BITS_V=bits_v, K_AXIS=key_axis, V_AXIS=value_axis, BM=BM, **common)
+        BITS_K=bits_k, BITS_V=bits_v, K_AXIS=key_axis, V_AXIS=value_axis, BM=BM,
+        # 8 warps: two dequantized (BN, BD) fp32 tiles live at once; with 4 warps the kernel sits at
+        # 255 registers and spills on sm_80 (benchmarks/kernel_check.py)
+        num_warps=4 if interp else 8, **common)
     _merge_kernel[(B * H * NQ,)](m_part, l_part, acc_part, out, lse, S, D,
                                  BS=max(2, triton.next_power_of_2(S)), BD=BD)
     if return_mass:

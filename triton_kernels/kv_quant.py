@@ -20,11 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tokops._registry import new_output
+from tokops._registry import new_output, triton_interpreter
 from tokops.kv.layout import packed_shapes
 
-_RNE_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds v to the nearest integer, ties to even
-_FP8_MAX = 448.0
+# Globals read inside @triton.jit code must be tl.constexpr: the compiler rejects plain module globals
+# ("Cannot access global variable ... from within @jit'ed function"); only the interpreter accepts them.
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + M) - M rounds v to the nearest integer, ties to even
+_FP8_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
@@ -90,6 +92,7 @@ def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, L, C, W, n_units
                        csr, cst, csc, ssr, sst, ssc, osr, ost, osc,
                        BITS: tl.constexpr, G: tl.constexpr, U: tl.constexpr, BC: tl.constexpr):
     CPW: tl.constexpr = 32 // BITS
+    NG: tl.constexpr = U // G
     NW: tl.constexpr = U // CPW
     QMAX: tl.constexpr = (1 << BITS) - 1
     r, u, t, c = _unit_coords(L, C, n_units, n_cblocks, U, BC)
@@ -100,12 +103,16 @@ def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, L, C, W, n_units
     words = words.to(tl.uint32, bitcast=True)
     shifts = (tl.arange(0, CPW) * BITS).to(tl.uint32)
     q3 = (words[:, None, :] >> shifts[None, :, None]) & QMAX
-    q = tl.reshape(q3, (U, BC)).to(tl.float32)
+    q = tl.reshape(q3, (NG, G, BC)).to(tl.float32)
     mask = (t < L)[:, None] & cmask[None, :]
-    soff = r * ssr + (t // G)[:, None] * sst + c[None, :] * ssc
-    s = tl.load(scale_ptr + soff, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(zero_ptr + soff, mask=mask, other=0.0).to(tl.float32)
-    out = q * s + z  # launched with enable_fp_fusion=False: two roundings, like the reference
+    # scale and zero: loaded once per group (not per element), broadcast over the group's G rows
+    g = u * NG + tl.arange(0, NG)
+    soff = r * ssr + g[:, None] * sst + c[None, :] * ssc
+    gmask = (g * G < L)[:, None] & cmask[None, :]
+    s = tl.load(scale_ptr + soff, mask=gmask, other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + soff, mask=gmask, other=0.0).to(tl.float32)
+    # launched with enable_fp_fusion=False: two roundings, like the reference
+    out = tl.reshape(q * s[:, None, :] + z[:, None, :], (U, BC))
     if out_ptr.dtype.element_ty == tl.float16:  # saturate (never inf from a finite input); NaN stays NaN
         out = tl.where(out > 65504.0, 65504.0, tl.where(out < -65504.0, -65504.0, out))
     tl.store(out_ptr + r * osr + t[:, None] * ost + c[None, :] * osc, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -172,7 +179,37 @@ def dequantize(codes, scale, zero, bits: int, group_size: int, axis: int, length
 
 
 @triton.jit
-def _quantize_fp8_kernel(x_ptr, codes_ptr, scale_ptr, M, D, BM: tl.constexpr, BD: tl.constexpr):
+def _fp8_e4m3_bits(y):
+    """e4m3fn bit pattern (int32 in [0, 255]) of fp32 ``y`` with ``|y| <= 448``, rounded to nearest,
+    ties to even: what ``cvt.rn.satfinite.e4m3x2.f32`` (and torch's cast) gives, without the fp8
+    instructions that sm_80/sm_86 lack."""
+    ybits = y.to(tl.uint32, bitcast=True)
+    a = tl.abs(y)
+    bits = a.to(tl.uint32, bitcast=True)
+    # normal (a >= 2**-6): keep 3 mantissa bits, round half to even on the 20 dropped bits
+    r = (bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20
+    normal = r.to(tl.int32) - (120 << 3)  # exponent bias 127 -> 7
+    # subnormal (a < 2**-6): multiples of 2**-9; a * 512 is exact, rounded half to even
+    sub = ((a * 512.0 + _RNE_MAGIC) - _RNE_MAGIC).to(tl.int32)
+    code = tl.where(a < 0.015625, sub, normal)
+    code = tl.where(a != a, 0x7F, code)  # NaN
+    return code | ((ybits >> 31).to(tl.int32) << 7)
+
+
+@triton.jit
+def _fp8_e4m3_value(c):
+    """fp32 value of e4m3fn bit patterns ``c`` (int32 in [0, 255]), without fp8 instructions."""
+    e = (c >> 3) & 15
+    m = c & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    mag = tl.where((c & 0x7F) == 0x7F, float("nan"), mag)
+    return tl.where((c & 0x80) != 0, -mag, mag)
+
+
+@triton.jit
+def _quantize_fp8_kernel(x_ptr, codes_ptr, scale_ptr, M, D, BM: tl.constexpr, BD: tl.constexpr,
+                         NATIVE_FP8: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BD)
     mask = (rows < M)[:, None] & (cols < D)[None, :]
@@ -184,19 +221,38 @@ def _quantize_fp8_kernel(x_ptr, codes_ptr, scale_ptr, M, D, BM: tl.constexpr, BD
     y = tl.math.div_rn(x, tl.where(scale == 0, 1.0, scale)[:, None])
     y = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
     y = tl.where(((scale == 0) | ~(scale < float("inf")))[:, None], 0.0, y)  # NaN/inf scale: codes 0
-    tl.store(codes_ptr + off, y.to(codes_ptr.dtype.element_ty), mask=mask)
+    if NATIVE_FP8:
+        code = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        code = _fp8_e4m3_bits(y).to(tl.uint8)
+    tl.store(codes_ptr + off, code, mask=mask)  # codes_ptr: the e4m3fn codes viewed as uint8
     tl.store(scale_ptr + rows, scale, mask=rows < M)
 
 
 @triton.jit
-def _dequantize_fp8_kernel(codes_ptr, scale_ptr, out_ptr, M, D, BM: tl.constexpr, BD: tl.constexpr):
+def _dequantize_fp8_kernel(codes_ptr, scale_ptr, out_ptr, M, D, BM: tl.constexpr, BD: tl.constexpr,
+                           NATIVE_FP8: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BD)
     mask = (rows < M)[:, None] & (cols < D)[None, :]
     off = rows[:, None] * D + cols[None, :]
-    y = tl.load(codes_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(codes_ptr + off, mask=mask, other=0)  # uint8 bit patterns
+    if NATIVE_FP8:
+        y = c.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        y = _fp8_e4m3_value(c.to(tl.int32))
     s = tl.load(scale_ptr + rows, mask=rows < M, other=0.0)
     tl.store(out_ptr + off, (y * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def native_fp8() -> bool:
+    """Whether the GPU Triton compiles for has fp8 e4m3 conversion instructions (sm_89+).  sm_80 and
+    sm_86 lack them (``fp8e4nv`` does not compile there): the fp8 kernels then take the exact
+    bit-manipulation path (:func:`_fp8_e4m3_bits` / :func:`_fp8_e4m3_value`), same bits."""
+    if triton_interpreter():
+        return True
+    target = triton.runtime.driver.active.get_current_target()
+    return not (target.backend == "cuda" and isinstance(target.arch, int) and target.arch < 89)
 
 
 def _fp8_geometry(x: torch.Tensor):
@@ -211,12 +267,14 @@ def quantize_fp8(x: torch.Tensor):
     codes = new_output(x.shape, torch.float8_e4m3fn, x.device)
     scale = new_output(x.shape[:-1], torch.float32, x.device)
     M, D, bm, bd = _fp8_geometry(x)
-    _quantize_fp8_kernel[(triton.cdiv(M, bm),)](x, codes, scale, M, D, BM=bm, BD=bd)
+    _quantize_fp8_kernel[(triton.cdiv(M, bm),)](x, codes.view(torch.uint8), scale, M, D, BM=bm, BD=bd,
+                                                NATIVE_FP8=native_fp8())
     return codes, scale
 
 
 def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
     out = new_output(codes.shape, dtype, codes.device)
     M, D, bm, bd = _fp8_geometry(codes)
-    _dequantize_fp8_kernel[(triton.cdiv(M, bm),)](codes, scale, out, M, D, BM=bm, BD=bd)
+    _dequantize_fp8_kernel[(triton.cdiv(M, bm),)](codes.view(torch.uint8), scale, out, M, D, BM=bm, BD=bd,
+                                                  NATIVE_FP8=native_fp8())
     return out

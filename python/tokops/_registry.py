@@ -80,6 +80,21 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Set only by ``benchmarks.kernel_check``: it compiles the kernels for a GPU from a CPU-only machine
+# (tensors on the meta device) and needs the launch heuristics to take their GPU branch.
+_TARGET_SMS: int | None = None
+
+
+def gpu_sm_count(device) -> int | None:
+    """Number of SMs of the GPU a Triton launch on ``device`` runs on; ``None`` for a CPU launch
+    (the interpreter), where the launchers pick small tiles and pretend-GPU split counts."""
+    if _TARGET_SMS is not None:
+        return _TARGET_SMS
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None
+
+
 # --------------------------------------------------------------------------- outputs
 POISON_ENV = "TOKOPS_POISON"
 
