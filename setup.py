@@ -65,7 +65,8 @@ def _is_toolkit(d) -> bool:
 def _nvcc_top(nvcc: str) -> str | None:
     """The toolkit folder that an ``nvcc`` (possibly a wrapper script) really runs from."""
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True,
+                             timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
@@ -134,8 +135,9 @@ def cuda_config(torch):
     if torch_cuda is None:
         why = f"torch {torch.__version__} was built without CUDA"
     elif cuda_home is None:
-        why = ("no CUDA toolkit found (nvcc not on PATH, no /usr/local/cuda; CUDA_HOME="
-               f"{os.environ.get('CUDA_HOME')})")
+        env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        why = (f"CUDA_HOME={env} is not a CUDA toolkit (no bin/nvcc or include/cuda_runtime.h)" if env
+               else "no CUDA toolkit found (no nvcc on PATH, no /usr/local/cuda)")
     else:
         nv = nvcc_version(cuda_home)
         if nv is None or nv.split(".")[0] != torch_cuda.split(".")[0]:
