@@ -46,6 +46,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_GPU:
             item.add_marker(skip)
+    _cap_fuzz_examples(items)
 
 
 def pytest_report_header(config):
@@ -55,7 +56,7 @@ def pytest_report_header(config):
             f"triton interpreter: {_registry.triton_interpreter()}")
 
 
-def pytest_collection_modifyitems(config, items):
+def _cap_fuzz_examples(items):
     """``TOKOPS_FUZZ_MAX_EXAMPLES=N`` caps every Hypothesis test at N examples (the GPU smoke run of
     ``benchmarks/gpu_check.sh`` uses it; a test's own ``@settings`` would otherwise win over a profile)."""
     cap = os.environ.get("TOKOPS_FUZZ_MAX_EXAMPLES", "").strip()
