@@ -196,10 +196,13 @@ def build_ext_class(info: dict):
 
     class BuildExt(base):
         def run(self):
+            inplace = bool(self.inplace or getattr(self, "editable_mode", False))
             super().run()
-            # Beside the built extension (wheel / build_lib), and in the source package for
-            # editable and in-place builds (setuptools copies only the .so there).
-            dests = {Path(self.get_ext_fullpath("tokops._C")).parent, ROOT / "python" / "tokops"}
+            # Beside the built extension (build_lib, so it goes into the wheel), and in the source
+            # package for editable and in-place builds (setuptools copies only the .so there).
+            dests = {Path(self.build_lib) / "tokops"}
+            if inplace:
+                dests.add(ROOT / "python" / "tokops")
             for d in dests:
                 d.mkdir(parents=True, exist_ok=True)
                 (d / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")
