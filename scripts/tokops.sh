@@ -105,7 +105,7 @@ torch_build() {
   # added after the install, so pip never sees, let alone touches, $VENV's torch).
   local v=$1 tmp shared
   tmp=$(mktemp -d)
-  shared=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  shared=$(python -c "import sys; print('\n'.join(p for p in sys.path if p.endswith('-packages')))")
   log "CUDA extension against torch==$v (sm_90a) in $tmp"
   python -m build --sdist --no-isolation --outdir "$tmp/dist" . >/dev/null
   python3 -m venv "$tmp/venv"
