@@ -140,3 +140,49 @@ def test_torch_mismatch_rules():
     assert msg and "2.0.0" in msg and running in msg
     other_cuda = "11.8" if cuda != "11.8" else "12.8"
     assert _registry.torch_mismatch({"torch": running, "torch_cuda": other_cuda, "cuda_kernels": True})
+
+
+def _setup_module():
+    """setup.py of this checkout / unpacked sdist, imported as a module (its main() does not run)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "setup.py"
+    if not path.is_file():
+        pytest.skip("no setup.py beside the tests")
+    spec = importlib.util.spec_from_file_location("tokops_setup", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_setup_finds_pip_cuda_headers_beside_torch(tmp_path, monkeypatch):
+    import types
+
+    setup = _setup_module()
+    site, cuda = tmp_path / "site", tmp_path / "cuda"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text("")
+    (cuda / "include").mkdir(parents=True)
+    inc = site / "nvidia" / "cu13" / "include"
+    inc.mkdir(parents=True)
+    fake_torch = types.SimpleNamespace(__file__=str(site / "torch" / "__init__.py"))
+    monkeypatch.setattr("sys.path", [])
+    assert setup.cuda_include_dirs(fake_torch, str(cuda)) is None  # no cusparse.h anywhere
+    for h in setup.NEEDED_HEADERS:
+        (inc / h).write_text("")
+    assert setup.cuda_include_dirs(fake_torch, str(cuda)) == [str(cuda / "include"), str(inc)]
+
+
+def test_setup_without_toolkit_builds_cpu_only_with_one_line(monkeypatch, capsys):
+    setup = _setup_module()
+    monkeypatch.setattr(setup, "find_cuda_home", lambda torch_cuda: None)
+    monkeypatch.delenv("TOKOPS_CUDA", raising=False)
+    monkeypatch.delenv("FORCE_CUDA", raising=False)
+    fake_torch = type("T", (), {"__version__": "2.14.1+cu130", "version": type("V", (), {"cuda": "13.0"})})
+    assert setup.cuda_config(fake_torch) is None
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "CPU-only" in lines[0] and "no CUDA toolkit" in lines[0], lines
+    monkeypatch.setenv("TOKOPS_CUDA", "1")
+    with pytest.raises(SystemExit, match="TOKOPS_CUDA=1 but the CUDA kernels cannot be compiled"):
+        setup.cuda_config(fake_torch)
