@@ -94,7 +94,8 @@ assert "site-packages" in tokops.__file__, tokops.__file__
 assert i["cuda_compiled"] and i["cuda_archs"] == ["sm_90a"], i
 assert i["built_with_torch"] == i["torch"] and i["torch_mismatch"] is None, i
 PY
-   "$tmp/venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_build.py tests/test_kv_quant.py -k "not inductor")
+   "$tmp/venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_build.py tests/test_kv_quant.py \
+     -k "not inductor and not test_backends_agree_with_reference")
   rm -rf "$tmp"
 }
 
