@@ -74,7 +74,7 @@ def _demangle(names: list[str]) -> dict[str, str]:
         lines = r.stdout.splitlines()
         if r.returncode == 0 and len(lines) == len(names):
             for n, d in zip(names, lines):
-                d = re.sub(r"^void ", "", d)
+                d = re.sub(r"^void ", "", d).replace("(anonymous namespace)", "{anon}")
                 depth, cut = 0, len(d)
                 for i, ch in enumerate(d):  # drop the parameter list: the '(' at template depth 0
                     depth += ch == "<"
