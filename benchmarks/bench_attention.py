@@ -12,9 +12,12 @@ import math
 
 import torch
 
-from .harness import Case
+from .harness import Case, gpu_backends
 
 BLOCK = 128
+# FlexAttention is compiled per mask function and shape; quick runs (gpu_check.sh) compile it for at
+# most this many cases (forward, non-causal), full runs for every case.
+QUICK_FLEX_CASES = 2
 
 
 def _random_mask(B, H, n, density, device, seed=0):
@@ -51,24 +54,36 @@ def _with_backward(fn, inputs, grad):
     return run
 
 
-def _attention_fns(q, k, v, mask, causal, device):
+def _attention_fns(q, k, v, mask, causal, device, flex=True):
+    """Dense SDPA (baseline), FlexAttention (``flex``), and tokops with each backend named explicitly;
+    ``cuda`` only where its kernel covers the call (else Triton would be what runs)."""
     import tokops
+    from tokops.attention.ops import cuda_kernel_unsupported
 
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
     if device == "cpu":
-        return {"sdpa_dense": sdpa, "tokops_torch": lambda: tokops.attention.block_sparse_attention(
+        return {"sdpa_dense": sdpa, "tokops torch": lambda: tokops.attention.block_sparse_attention(
             q, k, v, mask, causal=causal, backend="torch")}
-    return {"sdpa_dense": sdpa, "flex": _flex_fn(q, k, v, mask, causal),
-            "tokops": lambda: tokops.attention.block_sparse_attention(q, k, v, mask, causal=causal, check_mask=False)}
+    fns = {"sdpa_dense": sdpa}
+    if flex:
+        fns["flex"] = _flex_fn(q, k, v, mask, causal)
+    for be in gpu_backends("block_sparse_attn_fwd"):
+        if be == "cuda" and cuda_kernel_unsupported(q, k, v, mask.block_q, mask.block_k):
+            continue
+        fns[f"tokops {be}"] = (lambda be=be: tokops.attention.block_sparse_attention(
+            q, k, v, mask, causal=causal, check_mask=False, backend=be))
+    return fns
 
 
 def _mass_fns(q, k, v, n, device):
     import tokops
 
     mask = tokops.attention.causal_block_mask(n, device=device)
-    return {"sdpa_dense": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
-            "tokops_with_mass": lambda: tokops.attention.attention_with_key_mass(q, k, v, mask, causal=True,
-                                                                                  check_mask=False)}
+    fns = {"sdpa_dense": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)}
+    for be in gpu_backends("attn_key_mass"):
+        fns[f"tokops {be} (with mass)"] = (lambda be=be: tokops.attention.attention_with_key_mass(
+            q, k, v, mask, causal=True, check_mask=False, backend=be))
+    return fns
 
 
 def cases(device: str, quick: bool) -> list[Case]:
@@ -86,6 +101,7 @@ def cases(device: str, quick: bool) -> list[Case]:
         configs = [(n, d, hd) for n in Ns for d in dens for hd in Ds]
         B, H, dtype = 1, 16, torch.bfloat16
     g = torch.Generator(device="cpu").manual_seed(0)
+    flex_left = QUICK_FLEX_CASES if quick else len(configs) * 4
     for n, density, D in configs:
         q, k, v = (torch.randn(B, H, n, D, generator=g).to(dtype).to(device) for _ in range(3))
         for causal in ((False, True) if density == 1.0 else (False,)):
@@ -98,11 +114,13 @@ def cases(device: str, quick: bool) -> list[Case]:
             kind = "causal" if causal else f"density {density:.0%}"
             params = dict(B=B, H=H, N=n, D=D, block=BLOCK, density=round(real_density, 4), causal=causal,
                           dtype=str(dtype).replace("torch.", ""))
+            flex = flex_left > 0 and not (quick and causal)
+            flex_left -= flex
             out.append(Case("attention", f"block-sparse attention fwd, {kind}", dict(params, pass_="fwd"),
-                            _attention_fns(q, k, v, mask, causal, device), flops=flops))
+                            _attention_fns(q, k, v, mask, causal, device, flex), flops=flops))
             qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
             grad = torch.randn_like(q)
-            fns = _attention_fns(qg, kg, vg, mask, causal, device)
+            fns = _attention_fns(qg, kg, vg, mask, causal, device, flex=not quick)
             fb = {name: _with_backward(f, (qg, kg, vg), grad) for name, f in fns.items()}
             out.append(Case("attention", f"block-sparse attention fwd+bwd, {kind}", dict(params, pass_="fwd+bwd"),
                             fb, flops=flops * 3.5))
@@ -118,9 +136,11 @@ def _decode_fns(q, k, v, device):
     import tokops
 
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
-    be = "torch" if device == "cpu" else "auto"
-    return {"sdpa_dense": sdpa,
-            "tokops_decode_with_mass": lambda: tokops.attention.decode_attention_with_key_mass(q, k, v, backend=be)}
+    fns = {"sdpa_dense": sdpa}
+    for be in (["torch"] if device == "cpu" else gpu_backends("attn_key_mass")):
+        fns[f"tokops {be} (decode + mass)"] = (
+            lambda be=be: tokops.attention.decode_attention_with_key_mass(q, k, v, backend=be))
+    return fns
 
 
 def _decode_cases(device: str, quick: bool) -> list[Case]:

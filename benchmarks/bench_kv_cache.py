@@ -6,8 +6,8 @@ Per case, three implementations (the first is the baseline):
   quantization; reads 16-bit K and V);
 * ``dequant_sdpa``: the HuggingFace ``QuantizedCache`` way: dequantize the whole quantized cache
   into fp16 temporaries (``tokops.kv.dequantize``), concatenate the residual window, then SDPA;
-* ``tokops_fused``: ``tokops.kv.decode_attention`` (split-K over the packed codes, no temporary;
-  ``auto`` backend), and on a GPU ``tokops_triton`` / ``tokops_cuda`` (each backend explicitly).
+* ``tokops_<backend>``: ``tokops.kv.decode_attention`` (split-K over the packed codes, no temporary)
+  with each backend named explicitly: ``torch`` on CPU, ``triton`` and ``cuda`` on a GPU.
 
 ``bytes`` is what the fused decode must move: packed KV + scales + zeros + residual window + q/out
 (``extra["fp16_bytes"]`` is what the dense baseline moves).
@@ -21,17 +21,17 @@ import torch.nn.functional as F
 import tokops
 from tokops.kv import QuantizedKVCache, QuantizedTensor, decode_attention
 
-from .harness import Case
+from .harness import Case, gpu_backends
 
 
-def _dequant_all(cache: QuantizedKVCache, dtype):
-    """Dequantize the whole cache (HF-style) with the fastest tokops dequantize kernel."""
+def _dequant_all(cache: QuantizedKVCache, dtype, backend: str):
+    """Dequantize the whole cache (HF-style) with a tokops dequantize kernel (Triton on a GPU)."""
     t = cache.tensors()
     outs = []
     for p, bits, ax in (("k", cache.bits_k, cache.key_axis), ("v", cache.bits_v, cache.value_axis)):
         qt = QuantizedTensor(t[p + "_codes"], t[p + "_scale"], t[p + "_zero"], bits, cache.group_size, ax,
                              cache.n_quant if ax == -2 else cache.head_dim, dtype)
-        x = tokops.kv.dequantize(qt, dtype)
+        x = tokops.kv.dequantize(qt, dtype, backend=backend)
         outs.append(torch.cat([x, t[p + "_res"][:, :, : cache.n_res]], 2))
     return outs
 
@@ -50,24 +50,16 @@ def _case(device, B, H, Hk, L, D, bits, group_size, residual):
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
 
     def dequant_sdpa():
-        kd, vd = _dequant_all(cache, dtype)
+        kd, vd = _dequant_all(cache, dtype, "torch" if device == "cpu" else "triton")
         return F.scaled_dot_product_attention(q, kd, vd, scale=scale, enable_gqa=True)
 
-    def tokops_fused():
-        return decode_attention(q, cache, scale=scale)
-
-    def tokops_triton():
-        return decode_attention(q, cache, scale=scale, backend="triton")
-
-    def tokops_cuda():
-        return decode_attention(q, cache, scale=scale, backend="cuda")
+    def fused(backend):
+        return lambda: decode_attention(q, cache, scale=scale, backend=backend)
 
     io = 2 * q.numel() * q.element_size()
-    fns = {"sdpa_fp16": sdpa_fp16, "dequant_sdpa": dequant_sdpa, "tokops_fused": tokops_fused}
-    if device == "cuda":
-        fns["tokops_triton"] = tokops_triton
-        if tokops.cuda_compiled():
-            fns["tokops_cuda"] = tokops_cuda
+    fns = {"sdpa_fp16": sdpa_fp16, "dequant_sdpa": dequant_sdpa}
+    for be in (["torch"] if device == "cpu" else gpu_backends("kv_decode_attention")):
+        fns[f"tokops_{be}"] = fused(be)
     return Case(
         family="kv", name=f"decode int{bits} G={group_size} R={residual}",
         params=dict(B=B, H=H, H_kv=Hk, L=L, D=D, bits=bits, group_size=group_size, residual=residual),

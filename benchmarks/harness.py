@@ -14,9 +14,39 @@ from typing import Callable
 
 import torch
 
-# DESIGN.md "Hardware limits" (H100 SXM, measured on the lent machine).
-HBM_BYTES_PER_S = 3.0e12
-BF16_FLOPS_PER_S = 800e12
+# DESIGN.md "Hardware limits": datasheet HBM bandwidth and dense bf16 FLOP/s per GPU, matched on
+# ``torch.cuda.get_device_name()`` (first match wins, so the specific names come first). The report
+# also gives the device-to-device copy bandwidth measured in the same run.
+GPU_LIMITS = (
+    ("H200", 4.8e12, 989e12),
+    ("H100 PCIe", 2.0e12, 756e12),
+    ("H100 NVL", 3.9e12, 835e12),
+    ("H100", 3.35e12, 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("A100 80GB PCIe", 1.935e12, 312e12),
+    ("A100-SXM4-80GB", 2.039e12, 312e12),
+    ("A100", 1.555e12, 312e12),  # 40 GB
+)
+
+
+def hardware_limits(device: str) -> dict:
+    """``{"gpu", "hbm_bytes_per_s", "bf16_flops_per_s"}`` for the GPU in use (None for the limits of
+    a CPU or of a GPU not in :data:`GPU_LIMITS`: then no "% of limit" is reported)."""
+    if device != "cuda":
+        return {"gpu": None, "hbm_bytes_per_s": None, "bf16_flops_per_s": None}
+    name = torch.cuda.get_device_name()
+    for key, hbm, flops in GPU_LIMITS:
+        if key.lower() in name.lower():
+            return {"gpu": name, "hbm_bytes_per_s": hbm, "bf16_flops_per_s": flops}
+    return {"gpu": name, "hbm_bytes_per_s": None, "bf16_flops_per_s": None}
+
+
+def gpu_backends(op: str) -> list[str]:
+    """The tokops backends to time, by name, for ``op`` on a GPU: ``triton``, and ``cuda`` when the
+    extension has its CUDA kernel (never ``auto``: each row says which kernel ran)."""
+    import tokops
+    from tokops import _registry
+
+    return ["triton"] + (["cuda"] if tokops.cuda_compiled() and _registry.has_impl(op, "cuda") else [])
 
 
 @dataclass

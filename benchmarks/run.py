@@ -8,9 +8,14 @@
 Every implementation of a case is timed side by side in one run (CUDA events via
 ``triton.testing.do_bench`` on a GPU, ``time.perf_counter`` on CPU). Reported: time,
 GB/s or TFLOP/s, the speedup over the baseline (the case's first implementation), and
-the fraction of the hardware limit (DESIGN.md: 3.0 TB/s HBM, 800 TFLOP/s bf16 on H100)
-and of the device-to-device copy bandwidth measured in the same run. Writes
-``report.md``, ``results.json`` and ``speedup.png`` to ``--out``.
+the fraction of the hardware limit of the detected GPU (``harness.GPU_LIMITS``, from DESIGN.md:
+H200 4.8 TB/s, H100 SXM 3.35 TB/s ...) and of the device-to-device copy bandwidth measured in the
+same run. Writes ``report.md``, ``results.json`` and ``speedup.png`` to ``--out``; ``results.json``
+and ``report.md`` are rewritten after every case, so a run that is stopped keeps what it measured,
+and a case that fails is recorded as an error row and the run goes on.
+
+tokops rows name their backend (``tokops triton``, ``tokops cuda``); ``TOKOPS_AUTO_CUDA`` is
+ignored here.
 """
 
 from __future__ import annotations
@@ -71,15 +76,21 @@ def copy_bandwidth(device: str) -> float | None:
     return 2 * x.numel() * 4 / t
 
 
-def run_case(case: harness.Case, device: str, copy_bw: float | None) -> list[dict]:
-    rows, base_t = [], None
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
+def run_case(case: harness.Case, device: str, copy_bw: float | None, limits: dict | None = None):
+    """Time every implementation of ``case``; yields one row per implementation as soon as it is measured."""
+    limits = limits or harness.hardware_limits(device)
+    base_t = None
     for impl, fn in case.fns.items():
         row = {"family": case.family, "case": case.name, "impl": impl, "params": case.params, "notes": case.notes}
         try:
             t = harness.time_fn(fn, device)
         except Exception as e:  # e.g. the reference running out of memory at N = 65536
-            row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
-            rows.append(row)
+            row.update(error=_err(e))
+            yield row
             if device == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -88,17 +99,17 @@ def run_case(case: harness.Case, device: str, copy_bw: float | None) -> list[dic
         row.update(time_ms=t * 1e3, speedup=base_t / t)
         if case.bytes:
             row["GB/s"] = case.bytes / t / 1e9
+            if limits["hbm_bytes_per_s"]:
+                row["pct_hbm_limit"] = 100 * case.bytes / t / limits["hbm_bytes_per_s"]
             if device == "cuda":
-                row["pct_hbm_limit"] = 100 * case.bytes / t / harness.HBM_BYTES_PER_S
                 if copy_bw:
                     row["pct_measured_copy"] = 100 * case.bytes / t / copy_bw
         if case.flops:
             row["TFLOP/s"] = case.flops / t / 1e12
-            if device == "cuda":
-                row["pct_peak_flops"] = 100 * case.flops / t / harness.BF16_FLOPS_PER_S
+            if limits["bf16_flops_per_s"]:
+                row["pct_peak_flops"] = 100 * case.flops / t / limits["bf16_flops_per_s"]
         row.update(case.extra)
-        rows.append(row)
-    return rows
+        yield row
 
 
 def _fmt(v, nd=3):
@@ -109,8 +120,10 @@ def _fmt(v, nd=3):
     return str(v)
 
 
-def markdown(env: dict, rows: list[dict], copy_bw: float | None) -> str:
+def markdown(env: dict, rows: list[dict], copy_bw: float | None, complete: bool = True) -> str:
     lines = ["# tokops microbenchmarks", ""]
+    if not complete:
+        lines += ["> **Partial**: the run is still going, or it was stopped before its last case.", ""]
     lines += [f"- **{k}**: {v}" for k, v in env.items()]
     if copy_bw:
         lines.append(f"- **measured device-to-device copy**: {copy_bw / 1e9:.0f} GB/s (read + write)")
@@ -165,14 +178,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/local/...)")
     args = p.parse_args(argv)
 
+    import os
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cpu":
-        import os
-
         os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels only run interpreted on CPU
+    if os.environ.pop("TOKOPS_AUTO_CUDA", None) is not None:
+        print("NOTE: TOKOPS_AUTO_CUDA ignored: the benchmarks name each backend explicitly")
     # On CPU the Triton kernels run interpreted: always small sizes there (--all still means every family).
     quick = args.quick or device == "cpu"
     env = environment(device)
+    limits = harness.hardware_limits(device)
+    env["peak_hbm_TB/s"] = limits["hbm_bytes_per_s"] and limits["hbm_bytes_per_s"] / 1e12
+    env["peak_bf16_TFLOP/s"] = limits["bf16_flops_per_s"] and limits["bf16_flops_per_s"] / 1e12
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M")
     out = args.out or HERE / "results" / "local" / f"{device}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
@@ -182,18 +200,40 @@ def main(argv=None) -> int:
         print("NOTE: CPU timings (no GPU): reference and Triton-interpreter at small sizes, not GPU figures.")
     copy_bw = copy_bandwidth(device)
     rows = []
+
+    def save(complete: bool) -> None:  # after every case: a stopped run keeps what it measured
+        data = {"env": env, "copy_bandwidth": copy_bw, "complete": complete, "rows": rows}
+        for name, text in (("results.json", json.dumps(data, indent=1)),
+                           ("report.md", markdown(env, rows, copy_bw, complete))):
+            tmp = out / (name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(out / name)
+
     for fam in args.family or families():
-        mod = importlib.import_module(f"benchmarks.bench_{fam}")
-        for case in mod.cases(device, quick):
-            for r in run_case(case, device, copy_bw):
-                rows.append(r)
-                shown = r.get("error") or (f"{r['time_ms']:.4g} ms  x{r['speedup']:.2f}"
-                                           + (f"  {r['GB/s']:.1f} GB/s" if "GB/s" in r else "")
-                                           + (f"  {r['TFLOP/s']:.1f} TFLOP/s" if "TFLOP/s" in r else "")
-                                           + (f"  {r['pct_hbm_limit']:.0f}% HBM" if "pct_hbm_limit" in r else ""))
-                print(f"  {r['family']:<10} {r['case']:<44} {r['impl']:<16} {shown}", flush=True)
-    (out / "results.json").write_text(json.dumps({"env": env, "copy_bandwidth": copy_bw, "rows": rows}, indent=1))
-    (out / "report.md").write_text(markdown(env, rows, copy_bw))
+        try:
+            fam_cases = importlib.import_module(f"benchmarks.bench_{fam}").cases(device, quick)
+        except Exception as e:  # a family that cannot even build its inputs: recorded, the others run
+            rows.append({"family": fam, "case": "(building the cases)", "impl": "-", "params": {}, "notes": "",
+                         "error": _err(e)})
+            print(f"  {fam:<10} cases failed: {rows[-1]['error']}", flush=True)
+            save(False)
+            continue
+        for case in fam_cases:
+            try:
+                for r in run_case(case, device, copy_bw, limits):
+                    rows.append(r)
+                    shown = r.get("error") or (f"{r['time_ms']:.4g} ms  x{r['speedup']:.2f}"
+                                               + (f"  {r['GB/s']:.1f} GB/s" if "GB/s" in r else "")
+                                               + (f"  {r['TFLOP/s']:.1f} TFLOP/s" if "TFLOP/s" in r else "")
+                                               + (f"  {r['pct_hbm_limit']:.0f}% HBM" if "pct_hbm_limit" in r else ""))
+                    print(f"  {r['family']:<10} {r['case']:<44} {r['impl']:<16} {shown}", flush=True)
+                    save(False)
+            except Exception as e:  # recorded; the next case runs
+                rows.append({"family": case.family, "case": case.name, "impl": "-", "params": case.params,
+                             "notes": case.notes, "error": _err(e)})
+                print(f"  {case.family:<10} {case.name:<44} failed: {rows[-1]['error']}", flush=True)
+                save(False)
+    save(True)
     plotted = plot(rows, out / "speedup.png", env)
     print(f"wrote {out / 'report.md'}, {out / 'results.json'}" + (f", {out / 'speedup.png'}" if plotted else ""))
     return 0

@@ -46,6 +46,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_GPU:
             item.add_marker(skip)
+    _cap_fuzz_examples(items)
 
 
 def pytest_report_header(config):
@@ -53,3 +54,18 @@ def pytest_report_header(config):
     return (f"tokops {info['tokops']}, torch {info['torch']}, triton {info['triton']}, "
             f"cuda kernels compiled: {info['cuda_compiled']} {info['cuda_archs']}, gpu: {info['gpu']}, "
             f"triton interpreter: {_registry.triton_interpreter()}")
+
+
+def _cap_fuzz_examples(items):
+    """``TOKOPS_FUZZ_MAX_EXAMPLES=N`` caps every Hypothesis test at N examples (the GPU smoke run of
+    ``benchmarks/gpu_check.sh`` uses it; a test's own ``@settings`` would otherwise win over a profile)."""
+    cap = os.environ.get("TOKOPS_FUZZ_MAX_EXAMPLES", "").strip()
+    if not cap:
+        return
+    from hypothesis import settings
+
+    for item in items:
+        fn = getattr(item, "obj", None)
+        s = getattr(fn, "_hypothesis_internal_use_settings", None)
+        if s is not None and s.max_examples > int(cap):
+            fn._hypothesis_internal_use_settings = settings(s, max_examples=int(cap))

@@ -26,6 +26,7 @@ def info() -> dict:
 
     ext = _registry.extension()
     build = ext.build_info() if ext is not None else {}
+    recorded = _registry.build_info() or {}
     tri = None
     if triton_available():
         import triton
@@ -40,7 +41,9 @@ def info() -> dict:
         "extension_error": _registry.extension_error(),
         "cuda_compiled": cuda_compiled(),
         "cuda_archs": build.get("cuda_archs", []),
-        "built_with_torch": build.get("torch_version"),
+        "built_with_torch": recorded.get("torch", build.get("torch_version")),
+        "torch_mismatch": _registry.torch_mismatch(),
+        "build": recorded or None,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "ops": _registry.implementations(),
     }

@@ -37,16 +37,71 @@ class BackendUnavailableError(RuntimeError):
 # --------------------------------------------------------------------------- build info
 _EXT = None
 _EXT_ERROR: str | None = None
+_TORCH_MISMATCH: str | None = None
+BUILD_INFO_FILE = "_build_info.json"  # written by setup.py next to the extension
+
+
+def build_info() -> dict | None:
+    """What ``setup.py`` recorded when it compiled ``tokops._C`` (the torch it compiled against,
+    CUDA kernels and architectures), or None for a build that did not record it."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(__file__).parent / BUILD_INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _base_version(v: str) -> str:
+    return v.split("+")[0]
+
+
+def torch_mismatch(built: dict | None = None) -> str | None:
+    """A message when the extension was built against another torch than the one running, else None.
+
+    A C++ extension only works with the torch release (and CUDA major version) it was compiled
+    against: another one fails to load it with an undefined-symbol error, or worse."""
+    built = build_info() if built is None else built
+    if not built or not built.get("torch"):
+        return None
+    running, was = torch.__version__, built["torch"]
+    same = _base_version(running) == _base_version(was)
+    if same and built.get("cuda_kernels"):
+        major = lambda c: c.split(".")[0] if c else None  # noqa: E731
+        same = major(built.get("torch_cuda")) == major(torch.version.cuda)
+    if same:
+        return None
+    return (f"tokops: its compiled extension (tokops._C) was built against torch {was} but torch {running} "
+            f"is running; a C++ extension only loads into the torch it was compiled against, so tokops._C "
+            f"is not loaded: the 'cuda' backend is unavailable, the 'torch' and 'triton' backends work. "
+            f"Fix: rebuild tokops against this torch, e.g. `pip install --no-build-isolation --no-deps "
+            f"--force-reinstall <tokops sdist or checkout>` (or `pip install --no-build-isolation -e .` "
+            f"in a checkout), or install torch {_base_version(was)}.")
 
 
 def extension():
-    """The compiled extension ``tokops._C`` or ``None`` (with the reason in :func:`extension_error`)."""
-    global _EXT, _EXT_ERROR
+    """The compiled extension ``tokops._C`` or ``None`` (with the reason in :func:`extension_error`).
+
+    Not loaded, with a warning naming both versions and the fix, when it was built against
+    another torch than the one running (:func:`torch_mismatch`)."""
+    global _EXT, _EXT_ERROR, _TORCH_MISMATCH
     if _EXT is None and _EXT_ERROR is None:
+        _TORCH_MISMATCH = torch_mismatch()
+        if _TORCH_MISMATCH is not None:
+            import warnings
+
+            _EXT_ERROR = _TORCH_MISMATCH
+            warnings.warn(_TORCH_MISMATCH, RuntimeWarning, stacklevel=2)
+            return None
         try:
             _EXT = importlib.import_module("tokops._C")
         except ImportError as e:  # not built (pure-Python checkout) or ABI mismatch
             _EXT_ERROR = f"{type(e).__name__}: {e}"
+            if "undefined symbol" in str(e):
+                _EXT_ERROR += (f" (tokops._C was probably built against another torch than the running "
+                               f"{torch.__version__}: rebuild it with `pip install --no-build-isolation "
+                               f"--no-deps --force-reinstall <tokops source>`)")
     return _EXT
 
 
