@@ -1,0 +1,46 @@
+"""The CUDA kernels of csrc/ run on the CPU under the emulator (csrc/emu/cuda_emu.h), built with
+ASan + UBSan. These tests need the ASan runtime preloaded into the Python process::
+
+    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
+        python -m pytest -q tests/emu -p no:cacheprovider
+
+(.ci/run does this). Without it they are skipped. The CUDA ops are registered as
+``torch.ops.tokops_emu.<name>_cuda`` for CPU tensors; the ``cuda_backend`` fixture routes the
+registry's ``"cuda"`` backend to them, so a test calls ``torch.ops.tokops.<op>(..., "cuda")`` on
+CPU tensors exactly as the Python layer calls the real kernel."""
+
+import pytest
+import torch
+
+import emu_build
+from tokops import _registry as reg
+
+SEEDS = (0, 1, 2)  # scheduling seeds (thread order after barriers, block order, WMMA layout)
+
+CUDA_OPS = ("kv_quantize", "kv_dequantize", "kv_quantize_fp8", "kv_dequantize_fp8", "kv_decode_attention",
+            "tome_match", "block_sparse_attn_fwd", "block_sparse_attn_bwd")
+
+
+@pytest.fixture(scope="session")
+def emu():
+    if not emu_build.asan_loaded():
+        pytest.skip("the CUDA emulation tests need the ASan runtime preloaded: LD_PRELOAD=$(gcc "
+                    "-print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python -m pytest tests/emu")
+    if emu_build.cuda_include() is None:
+        pytest.skip("the CUDA toolkit headers (cuda_fp16.h) are not installed; set CUDA_HOME")
+    emu_build.build()
+    return torch.ops.tokops_emu
+
+
+@pytest.fixture(params=SEEDS, ids=lambda s: f"seed{s}")
+def seed(request, emu):
+    emu.emu_set_seed(request.param)
+    return request.param
+
+
+@pytest.fixture
+def cuda_backend(emu, seed, monkeypatch):
+    """The registry's "cuda" backend runs the emulated kernels (on CPU tensors) for this test."""
+    for name in CUDA_OPS:
+        monkeypatch.setitem(reg._IMPLS[name], "cuda", getattr(emu, f"{name}_cuda"))
+    return emu
