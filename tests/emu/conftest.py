@@ -17,9 +17,6 @@ from tokops import _registry as reg
 
 SEEDS = (0, 1, 2)  # scheduling seeds (thread order after barriers, block order, WMMA layout)
 
-CUDA_OPS = ("kv_quantize", "kv_dequantize", "kv_quantize_fp8", "kv_dequantize_fp8", "kv_decode_attention",
-            "tome_match", "block_sparse_attn_fwd", "block_sparse_attn_bwd")
-
 
 @pytest.fixture(scope="session")
 def emu():
@@ -41,6 +38,6 @@ def seed(request, emu):
 @pytest.fixture
 def cuda_backend(emu, seed, monkeypatch):
     """The registry's "cuda" backend runs the emulated kernels (on CPU tensors) for this test."""
-    for name in CUDA_OPS:
+    for name in emu_build.CUDA_OPS:
         monkeypatch.setitem(reg._IMPLS[name], "cuda", getattr(emu, f"{name}_cuda"))
     return emu

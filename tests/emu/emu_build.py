@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 NAME = "tokops_cuda_emu"
 ASAN_OPTIONS = "detect_leaks=0"
+# the registry ops whose "cuda" backend the emulated kernels implement
+CUDA_OPS = ("kv_quantize", "kv_dequantize", "kv_quantize_fp8", "kv_dequantize_fp8", "kv_decode_attention",
+            "tome_match", "block_sparse_attn_fwd", "block_sparse_attn_bwd")
 
 
 def asan_loaded() -> bool:
@@ -103,5 +106,5 @@ def build(verbose: bool = False) -> str:
     return str(build_dir / f"{NAME}.so")
 
 
-if __name__ == "__main__":  # python tests/emu/emu_build.py: build only (no ASan runtime needed)
+if __name__ == "__main__":  # build (and load: run it with the LD_PRELOAD above)
     print(build(verbose=True))
