@@ -8,7 +8,7 @@ The ``tokops`` namespace is renamed ``tokops_emu`` (``-Dtokops=tokops_emu``) so 
 
 The library must be loaded into a process that has the ASan runtime preloaded::
 
-    LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python -m pytest tests/emu
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 python -m pytest tests/emu
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def build(verbose: bool = False) -> str:
         if not w.exists() or w.read_text() != text:
             w.write_text(text)
         wrappers.append(str(w))
-    flags = ["-DTOKOPS_EMU", "-Dtokops=tokops_emu", "-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer",
+    flags = ["-DTOKOPS_EMU", "-Dtokops=tokops_emu", "-std=c++20", "-O0", "-g1", "-fno-omit-frame-pointer",
              "-ffp-contract=off", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
              "-fsanitize-sections=tokops_emu_shared", "-Wno-unused-variable", "-Wno-unused-function"]
     cpp_extension.load(
