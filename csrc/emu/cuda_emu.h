@@ -273,6 +273,10 @@ inline float __uint_as_float(unsigned i) { float x; std::memcpy(&x, &i, 4); retu
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(unsigned(x)); }
+// CUDA's global isfinite / isnan / isinf (device math API).
+using std::isfinite;
+using std::isinf;
+using std::isnan;
 // CUDA's device min/max overloads (integer and float); mixed int/int64 promote like CUDA's.
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
