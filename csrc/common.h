@@ -8,13 +8,19 @@
 #include <limits>
 #include <string>
 
+#include "cuda_portable.cuh"
+
 #define TOKOPS_STR2(...) #__VA_ARGS__
 #define TOKOPS_STR(...) TOKOPS_STR2(__VA_ARGS__)
 
 // Input checks of the C++ ops. The Python entry points check first and give the
 // friendlier messages; these keep a direct torch.ops.tokops.* call from ever
 // reaching a kernel with a layout it would read out of bounds.
+#ifdef TOKOPS_EMU  // the CPU emulation build (csrc/emu, tests only): the "CUDA" ops take CPU tensors
+#define TOKOPS_CHECK_CUDA(x) TORCH_CHECK((x).is_cpu(), #x " must be a CPU tensor (CUDA emulator), got ", (x).device())
+#else
 #define TOKOPS_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor, got ", (x).device())
+#endif
 #define TOKOPS_CHECK_CONTIG(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
 #define TOKOPS_CHECK_DTYPE(x, dt) \
   TORCH_CHECK((x).scalar_type() == (dt), #x " must have dtype ", (dt), ", got ", (x).scalar_type())

@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(BwdParams p) {
 #else
   using namespace nvcuda;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  TOKOPS_EXTERN_SHARED(unsigned char, smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);  // kBM x D
   T* DOs = Qs + kBM * D;                   // kBM x D
   T* Ks = DOs + kBM * D;                   // kBN x D
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(BwdParams p) {
 #else
   using namespace nvcuda;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  TOKOPS_EXTERN_SHARED(unsigned char, smem_raw);
   T* Ks = reinterpret_cast<T*>(smem_raw);  // kBN x D
   T* Vs = Ks + kBN * D;                    // kBN x D
   T* Qs = Vs + kBN * D;                    // kBM x D
@@ -400,20 +400,20 @@ void launch(const BwdParams& prm, int B, cudaStream_t stream) {
   const int64_t rows = int64_t(B) * prm.H * prm.nq;
   const int64_t delta_blocks = (rows + kThreads / 32 - 1) / (kThreads / 32);
   TORCH_CHECK(delta_blocks <= std::numeric_limits<int32_t>::max(), "too many query rows for the CUDA kernel");
-  bwd_delta_kernel<T><<<unsigned(delta_blocks), kThreads, 0, stream>>>(prm, rows);
+  TOKOPS_LAUNCH(unsigned(delta_blocks), kThreads, 0, stream, bwd_delta_kernel<T>)(prm, rows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const size_t smem = smem_bytes<D, T>();
   auto dq_kernel = bwd_dq_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   dim3 grid_q(B * prm.H, (prm.nq + kBM - 1) / kBM);
-  dq_kernel<<<grid_q, kThreads, smem, stream>>>(prm);
+  TOKOPS_LAUNCH(grid_q, kThreads, smem, stream, dq_kernel)(prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   auto dkdv_kernel = bwd_dkdv_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(dkdv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   dim3 grid_k(B * prm.Hkv, (prm.nk + kBN - 1) / kBN);
-  dkdv_kernel<<<grid_k, kThreads, smem, stream>>>(prm);
+  TOKOPS_LAUNCH(grid_k, kThreads, smem, stream, dkdv_kernel)(prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

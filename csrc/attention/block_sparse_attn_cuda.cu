@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads) block_sparse_attn_fwd_kernel(FwdPara
   __trap();  // bf16 WMMA needs sm_80; the host side refuses older GPUs
 #else
   using namespace nvcuda;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  TOKOPS_EXTERN_SHARED(unsigned char, smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);            // kBM x D
   T* Ks = Qs + kBM * D;                               // kBN x D
   T* Vs = Ks + kBN * D;                               // kBN x D
@@ -194,7 +194,7 @@ void launch(const FwdParams& prm, int B, cudaStream_t stream) {
   auto kernel = block_sparse_attn_fwd_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   dim3 grid((prm.nq + kBM - 1) / kBM, B * prm.H);
-  kernel<<<grid, kThreads, smem, stream>>>(prm);
+  TOKOPS_LAUNCH(grid, kThreads, smem, stream, kernel)(prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) decode_partial_kernel(DecodeParams p
   constexpr int RG = D >= kThreads ? 1 : kThreads / D;
   constexpr int ROWS = kRows / RG;
   static_assert(RG <= kRows, "head dim too small");
-  extern __shared__ float smem[];
+  TOKOPS_EXTERN_SHARED(float, smem);
   float* qs = smem;
   float* ks = qs + kRows * DP;
   float* vs = ks + TT * DP;
@@ -344,15 +344,15 @@ template <typename T, int D>
 void launch(const DecodeParams& p, int64_t B, int64_t H, int64_t rchunks, const at::Tensor& lse, at::Tensor& mass,
             bool return_mass, at::Tensor& out, cudaStream_t stream) {
   const size_t smem = Tile<D>::smem_floats * sizeof(float);
-  decode_partial_kernel<T, D><<<dim3(B * p.HKV, p.S, rchunks), kThreads, smem, stream>>>(p);
+  TOKOPS_LAUNCH(dim3(B * p.HKV, p.S, rchunks), kThreads, smem, stream, decode_partial_kernel<T, D>)(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  decode_merge_kernel<T><<<B * H * p.NQ, D < 256 ? D : 256, 0, stream>>>(
+  TOKOPS_LAUNCH(B * H * p.NQ, D < 256 ? D : 256, 0, stream, decode_merge_kernel<T>)(
       p.m_part, p.l_part, p.acc_part, out.data_ptr<T>(), lse.data_ptr<float>(), p.S, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (return_mass) {
     constexpr int TM = MassTile<D>::TM;
     const int64_t nqb = cdiv(p.n_quant, TM), nrb = cdiv(p.n_res, TM);
-    decode_mass_kernel<T, D><<<dim3(B * p.HKV, nqb + nrb), kThreads, 0, stream>>>(p, lse.data_ptr<float>(),
+    TOKOPS_LAUNCH(dim3(B * p.HKV, nqb + nrb), kThreads, 0, stream, decode_mass_kernel<T, D>)(p, lse.data_ptr<float>(),
                                                                                     mass.data_ptr<float>(), nqb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -296,10 +296,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cuda(const at::Tensor
       auto fast = [&](auto g_const) {
         constexpr int G = decltype(g_const)::value;
         if (vec) {
-          quantize_group_kernel<scalar_t, BITS, G, true><<<blocks, kThreads, 0, stream>>>(
+          TOKOPS_LAUNCH(blocks, kThreads, 0, stream, quantize_group_kernel<scalar_t, BITS, G, true>)(
               xp, cp, sp, zp, xv, cv, sv, n_groups, contiguous_groups);
         } else {
-          quantize_group_kernel<scalar_t, BITS, G, false><<<blocks, kThreads, 0, stream>>>(
+          TOKOPS_LAUNCH(blocks, kThreads, 0, stream, quantize_group_kernel<scalar_t, BITS, G, false>)(
               xp, cp, sp, zp, xv, cv, sv, n_groups, contiguous_groups);
         }
       };
@@ -311,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cuda(const at::Tensor
         fast(std::integral_constant<int, 128>{});
       } else {
         const int64_t total = xv.R * n_units * xv.C;
-        quantize_kernel<scalar_t, BITS><<<ceil_div(total, kThreads), kThreads, 0, stream>>>(
+        TOKOPS_LAUNCH(ceil_div(total, kThreads), kThreads, 0, stream, quantize_kernel<scalar_t, BITS>)(
             xp, cp, sp, zp, xv, cv, sv, int(group_size), unit, n_units, contiguous_groups);
       }
     });
@@ -347,7 +347,7 @@ at::Tensor kv_dequantize_cuda(const at::Tensor& codes, const at::Tensor& scale, 
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kv_dequantize_cuda", [&] {
     TOKOPS_DISPATCH_BITS(bits, [&] {
-      dequantize_kernel<scalar_t, BITS><<<ceil_div(total, kThreads), kThreads, 0, stream>>>(
+      TOKOPS_LAUNCH(ceil_div(total, kThreads), kThreads, 0, stream, dequantize_kernel<scalar_t, BITS>)(
           codes.data_ptr<int32_t>(), reinterpret_cast<const __half*>(scale.data_ptr<at::Half>()),
           reinterpret_cast<const __half*>(zero.data_ptr<at::Half>()), out.data_ptr<scalar_t>(), ov, cv, sv,
           int(group_size), axis == -1);
@@ -367,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor> kv_quantize_fp8_cuda(const at::Tensor& x) {
   auto scale = new_output(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kv_quantize_fp8_cuda", [&] {
-    quantize_fp8_kernel<scalar_t><<<ceil_div(M * 32, kThreads), kThreads, 0, stream>>>(
+    TOKOPS_LAUNCH(ceil_div(M * 32, kThreads), kThreads, 0, stream, quantize_fp8_kernel<scalar_t>)(
         x.data_ptr<scalar_t>(), reinterpret_cast<__nv_fp8_e4m3*>(codes.data_ptr()), scale.data_ptr<float>(), M, D);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -388,7 +388,7 @@ at::Tensor kv_dequantize_fp8_cuda(const at::Tensor& codes, const at::Tensor& sca
   auto out = new_output(codes.sizes(), codes.options().dtype(dtype));
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kv_dequantize_fp8_cuda", [&] {
-    dequantize_fp8_kernel<scalar_t><<<ceil_div(M * D, kThreads), kThreads, 0, stream>>>(
+    TOKOPS_LAUNCH(ceil_div(M * D, kThreads), kThreads, 0, stream, dequantize_fp8_kernel<scalar_t>)(
         reinterpret_cast<const __nv_fp8_e4m3*>(codes.data_ptr()), scale.data_ptr<float>(), out.data_ptr<scalar_t>(),
         M, D);
   });

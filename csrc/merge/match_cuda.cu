@@ -169,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> tome_match_cuda(const at::Tensor& metric, con
   const dim3 grid(static_cast<unsigned>((nA + kBM - 1) / kBM), static_cast<unsigned>(B));
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "tome_match_cuda", [&] {
-    tome_match_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(metric.data_ptr<scalar_t>(), inv.data_ptr<float>(),
+    TOKOPS_LAUNCH(grid, kThreads, 0, stream, tome_match_kernel<scalar_t>)(metric.data_ptr<scalar_t>(), inv.data_ptr<float>(),
                                                                vptr, node_max.data_ptr<float>(),
                                                                node_idx.data_ptr<int64_t>(), N, C, nA, nB,
                                                                class_token, distill_token);

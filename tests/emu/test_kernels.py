@@ -1,0 +1,249 @@
+"""Every CUDA kernel of csrc/ run under the CPU emulator (csrc/emu) against the torch reference,
+on the case matrices of its Triton tests, under three scheduling seeds (the ``seed`` fixture).
+
+The quantization, decode and matching tests are the very test functions of tests/test_kv_quant.py,
+tests/test_kv_cache.py and tests/test_merge.py, called with ``backend_device=("cuda", "cpu")``:
+the ``cuda_backend`` fixture routes the registry's "cuda" backend to the emulated kernels. The
+attention tests call the CUDA ops directly (like the GPU tests of tests/test_attention.py), on the
+cases the CUDA kernels take (fp16/bf16, head dim 64/128, mask blocks multiple of 64)."""
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import emu_build  # noqa: E402
+import test_attention as TA  # noqa: E402
+import test_kv_cache as TC  # noqa: E402
+import test_kv_quant as TQ  # noqa: E402
+import test_merge as TM  # noqa: E402
+from tokops import _registry as reg  # noqa: E402
+from tokops.attention import BlockMask  # noqa: E402
+from tokops.attention import reference as aref  # noqa: E402
+
+EMU = ("cuda", "cpu")
+
+
+def _public_api_takes_cuda_on_cpu(monkeypatch):
+    orig = reg.resolve_backend
+
+    def resolve(name, backend, device):
+        return "cuda" if backend == "cuda" and name in emu_build.CUDA_OPS else orig(name, backend, device)
+
+    monkeypatch.setattr(reg, "resolve_backend", resolve)
+
+
+@pytest.fixture
+def cuda_api(cuda_backend, monkeypatch):
+    """Also let the public API resolve backend="cuda" for CPU tensors (the emulated kernels)."""
+    _public_api_takes_cuda_on_cpu(monkeypatch)
+    return cuda_backend
+
+
+@pytest.fixture
+def cuda_api_one_seed(cuda_backend_one_seed, monkeypatch):
+    _public_api_takes_cuda_on_cpu(monkeypatch)
+    return cuda_backend_one_seed
+
+
+# --------------------------------------------------------------------------- KV quantization
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("axis", [-1, -2])
+@pytest.mark.parametrize("bits,group_size", TQ.CASES)
+@pytest.mark.parametrize("shape", TQ.SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_quantize_dequantize(cuda_api_one_seed, shape, bits, group_size, axis, dtype):
+    TQ.test_backends_agree_with_reference(EMU, shape, bits, group_size, axis, dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_quantize_design_vectors(cuda_api, bits, axis):
+    TQ.test_design_vectors(EMU, bits, axis)
+    TQ.test_design_tie_vector(EMU, axis)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 17, 64), (4, 128), (3, 5, 96), (2, 20)], ids=lambda s: "x".join(map(str, s)))
+def test_fp8(cuda_api_one_seed, shape, dtype):
+    TQ.test_fp8(EMU, shape, dtype)
+
+
+def test_quantize_rejects_bad_input(cuda_api):
+    x = torch.randn(2, 3, 16, 64)
+    op = cuda_api.kv_quantize_cuda
+    with pytest.raises(RuntimeError, match="bits"):
+        op(x, 3, 32, -1)
+    with pytest.raises(RuntimeError, match="group_size"):
+        op(x, 4, 48, -1)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(x.transpose(-1, -2), 4, 32, -1)
+
+
+# --------------------------------------------------------------------------- fused decode
+@pytest.mark.parametrize("cfg", TC.CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_decode_matches_oracle(cuda_api, cfg):
+    TC.test_decode_matches_oracle(EMU, cfg)
+
+
+@pytest.mark.parametrize("nq", [1, 3, 8])
+def test_decode_nq_causal(cuda_api, nq):
+    TC.test_decode_nq_causal(EMU, nq)
+
+
+@pytest.mark.parametrize("H,Hk", [(1, 1), (4, 1), (6, 3), (8, 2)])
+def test_decode_gqa(cuda_api, H, Hk):
+    TC.test_decode_gqa(EMU, H, Hk)
+
+
+@pytest.mark.parametrize("n", [1, 5, TC.G - 1, TC.G + 1, TC.R + TC.G, 2 * TC.R + 3 * TC.G + 7])
+def test_decode_ragged_lengths(cuda_api, n):
+    TC.test_decode_ragged_lengths(EMU, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decode_half_precision(cuda_api, dtype):
+    TC.test_decode_half_precision(EMU, dtype)
+
+
+def test_decode_many_splits(cuda_api, monkeypatch):
+    TC.test_decode_many_splits(EMU, monkeypatch)
+
+
+def test_decode_pinned_tokens_and_h2o(cuda_api):
+    TC.test_pinned_tokens_stay_full_precision(EMU)
+    TC.test_h2o_fp8(EMU)
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_decode_head_dims(cuda_api, D):
+    cache = TC.QuantizedKVCache(4, 2, group_size=TC.G, residual=TC.R, key_axis=-1, value_axis=-2)
+    TC._fill(cache, [70, 3], B=1, Hk=2, D=D)
+    TC._check_against_oracle(TC._q(1, 4, 2, D), cache, "cuda")
+
+
+# --------------------------------------------------------------------------- ToMe matching
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N,C", [(2, 8), (3, 16), (17, 33), (40, 64), (67, 20)])
+@pytest.mark.parametrize("cls,dist", [(False, False), (True, False), (True, True)])
+def test_match_kernel(cuda_api_one_seed, N, C, cls, dist, dtype):
+    TM.test_match_kernel_agrees_with_reference(EMU, N, C, cls, dist, dtype)
+
+
+def test_match_ties_and_multi_tile(cuda_api):
+    metric = TM._metric(1, 40, 24, seed=3).clone()
+    metric[0, 2 * 13 + 1] = metric[0, 2 * 4 + 1]
+    metric[0, 2 * 3] = metric[0, 2 * 4 + 1]
+    metric[0, 2 * 17] = metric[0, 2 * 4 + 1]
+    node_max, node_idx = torch.ops.tokops.tome_match(metric, None, False, False, "cuda")
+    assert node_idx[0, 3].item() == 4 and node_idx[0, 17].item() == 4
+    assert node_max[0, 3].item() == node_max[0, 17].item()
+    TM.test_match_kernel_multi_tile_large_c(EMU)
+
+
+def test_match_with_padding_mask(cuda_api):
+    metric = TM._metric(2, 33, 16, seed=5)
+    valid = torch.ones(2, 33, dtype=torch.bool)
+    valid[1, 20:] = False
+    got = torch.ops.tokops.tome_match(metric, valid, True, False, "cuda")
+    exp = torch.ops.tokops.tome_match(metric, valid, True, False, "torch")
+    assert torch.equal(got[1], exp[1])
+    fin = torch.isfinite(exp[0])
+    assert torch.equal(torch.isfinite(got[0]), fin)
+    torch.testing.assert_close(got[0][fin], exp[0][fin], atol=2e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- block-sparse attention
+FWD_CASES = [  # (B, H, Hkv, Nq, Nk, D, block_q, block_k, causal, bias_dim)
+    (1, 2, 2, 100, 100, 64, 64, 64, False, None),
+    (1, 2, 2, 100, 100, 64, 64, 64, True, 3),
+    (1, 4, 2, 150, 150, 64, 128, 128, True, None),  # GQA, mask block 128 tiled by the kernel
+    (1, 2, 1, 90, 200, 64, 64, 128, False, 2),  # MQA, Nq != Nk
+    (1, 2, 2, 130, 70, 128, 128, 64, True, 2),  # head dim 128, bottom-right causal with Nq > Nk
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", FWD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_attention_forward(cuda_backend, case, dtype):
+    B, H, Hkv, Nq, Nk, D, bq, bk, causal, bias_dim = case
+    q, k, v, bias = TA._inputs(B, H, Hkv, Nq, Nk, D, dtype, "cpu", seed=Nq + Nk, bias_dim=bias_dim)
+    dense = TA._random_dense(B, H, math.ceil(Nq / bq), math.ceil(Nk / bk), seed=D)
+    m = BlockMask.from_dense(dense, bq, bk, Nq, Nk)
+    scale = D ** -0.5
+    out, lse = cuda_backend.block_sparse_attn_fwd_cuda(q, k, v, m.kv_num_blocks, m.kv_indices, bq, bk, causal,
+                                                       scale, bias)
+    args = (m.kv_num_blocks, m.kv_indices, bq, bk, causal, scale, bias)
+    exp_out, exp_lse = aref.attention(q, k, v, *args)
+    base_out, _ = aref.attention(q, k, v, *args, dtype=dtype)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, H, Nq)
+    assert not out.isnan().any() and not lse.isnan().any()
+    TA._check_close(out, exp_out, base_out, TA.FLOORS[dtype])
+    empty = torch.isinf(exp_lse)
+    assert empty.any(), "the case must contain empty rows"
+    assert torch.equal(torch.isinf(lse), empty) and (lse[empty] < 0).all() and (out[empty] == 0).all()
+    assert (lse[~empty].double() - exp_lse[~empty]).abs().max() < 1e-2
+
+
+BWD_CASES = [  # (B, H, Hkv, Nq, Nk, D, block_q, block_k, causal, bias_dim, with_dlse)
+    (1, 4, 2, 100, 133, 64, 64, 64, False, 3, True),  # GQA, ragged, per-head bias, gradient through lse
+    (1, 2, 1, 150, 80, 128, 128, 64, True, 2, False),  # MQA, head dim 128, bottom-right causal with Nq > Nk
+    (1, 2, 2, 70, 140, 64, 64, 128, True, None, True),  # Nq < Nk causal, mixed block sizes, no bias
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_attention_backward(cuda_backend, case, dtype):
+    B, H, Hkv, Nq, Nk, D, bq, bk, causal, bias_dim, with_dlse = case
+    scale = D ** -0.5
+    q, k, v, bias = TA._inputs(B, H, Hkv, Nq, Nk, D, dtype, "cpu", seed=Nq + D, bias_dim=bias_dim)
+    dense = TA._random_dense(B, H, math.ceil(Nq / bq), math.ceil(Nk / bk), seed=Nk)
+    m = BlockMask.from_dense(dense, bq, bk, Nq, Nk)
+    qn, qi = m.transpose()
+    num, idx = m.kv_num_blocks, m.kv_indices
+    out, lse = aref.fwd(q, k, v, num, idx, bq, bk, causal, scale, bias)
+    assert lse.isinf().any()  # the empty rows are exercised
+    g = torch.Generator().manual_seed(7)
+    gout = torch.randn(q.shape, generator=g).to(dtype)
+    glse = torch.randn(lse.shape, generator=g) if with_dlse else None
+    dq, dk, dv, dbias = cuda_backend.block_sparse_attn_bwd_cuda(gout, q, k, v, out, lse, glse, num, idx, qn, qi, bq,
+                                                                bk, causal, scale, bias)
+    got = {"dq": dq, "dk": dk, "dv": dv}
+    if bias is not None:
+        got["dbias"] = dbias if bias_dim == 3 else dbias.sum(1)
+    else:
+        assert dbias.numel() == 0
+
+    def grads(dt):
+        leaves = [t.detach().to(dt).requires_grad_(True) for t in (q, k, v)]
+        if bias is not None:
+            leaves.append(bias.detach().to(dt).requires_grad_(True))
+        rb = leaves[3] if bias is not None else None
+        ro, rl = aref.attention(*leaves[:3], num, idx, bq, bk, causal, scale, rb, dtype=dt)
+        loss = (ro * gout.to(dt)).sum()
+        if glse is not None:
+            loss = loss + (torch.where(rl.isinf(), 0, rl) * glse.to(dt)).sum()
+        return dict(zip(("dq", "dk", "dv", "dbias"), torch.autograd.grad(loss, leaves)))
+
+    exp, base = grads(torch.float64), grads(dtype)
+    floor = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    for name, t in got.items():
+        assert not t.isnan().any(), name
+        assert t.shape == exp[name].shape, name
+        TA._check_close(t, exp[name], base[name], floor)
+
+
+def test_attention_rejects_bad_input(cuda_backend):
+    q, k, v, _ = TA._inputs(1, 2, 2, 64, 64, 64, torch.float16, "cpu")
+    m = BlockMask.from_dense(torch.ones(1, 1, 1, 1, dtype=torch.bool), 64, 64, 64, 64)
+    op = cuda_backend.block_sparse_attn_fwd_cuda
+    with pytest.raises(RuntimeError, match="head dim"):
+        op(q[..., :32].contiguous(), k[..., :32].contiguous(), v[..., :32].contiguous(), m.kv_num_blocks,
+           m.kv_indices, 64, 64, False, 1.0, None)
+    with pytest.raises(RuntimeError, match="kv_indices"):
+        op(q, k, v, m.kv_num_blocks, m.kv_indices.long(), 64, 64, False, 1.0, None)
+    with pytest.raises(RuntimeError, match="block_q"):
+        op(q, k, v, m.kv_num_blocks, m.kv_indices, 48, 64, False, 1.0, None)
