@@ -130,31 +130,14 @@ def naive_fp8(x: torch.Tensor):
     return vals, scale
 
 
-def check_fp8_codes(x, got_codes, exp_codes, exp_scale, interpreter: bool) -> torch.Tensor:
-    """fp8 codes must equal the reference's bit for bit.  Under the Triton interpreter, two known
-    gaps of its fp32 -> e4m3 cast are admitted (exact on a GPU, where nothing is admitted):
-    (a) a value that rounds up to a power of two 2^k loses the mantissa carry and comes out as
-    2^(k-1) (binade crossing); (b) an exact tie between two e4m3 neighbours rounds away from zero
-    instead of to even.  Every mismatch must be one of these, identified from the exact pre-cast
-    value ``y = x / scale``.  Returns the mismatch mask."""
+def check_fp8_codes(x, got_codes, exp_codes) -> None:
+    """fp8 codes must equal the reference's bit for bit, on every backend.  (The Triton interpreter's
+    own fp32 -> e4m3 cast loses the mantissa carry at binade crossings and rounds ties away from zero;
+    under the interpreter the Triton kernels therefore take their exact bit-manipulation path,
+    ``triton_kernels.kv_quant.native_fp8``, and nothing needs to be admitted.)"""
     got_codes, exp_codes = got_codes.cpu(), exp_codes.cpu()
     mismatch = got_codes.view(torch.uint8) != exp_codes.view(torch.uint8)
-    if not interpreter:
-        assert not mismatch.any(), f"fp8 codes differ in {mismatch.sum().item()} places"
-        return mismatch
-    y = (x.cpu().float() / torch.where(exp_scale == 0, 1.0, exp_scale).cpu().unsqueeze(-1))[mismatch].double()
-    e = exp_codes.float()[mismatch].double()
-    g = got_codes.float()[mismatch].double()
-    lg = torch.log2(e.abs())
-    pow2 = (e != 0) & (lg == lg.round())
-    below = e.abs() * 2.0**-4  # e4m3 spacing just below 2^k is 2^(k-4)
-    crossing = pow2 & (g == e / 2) & (y.abs() < e.abs()) & (y.abs() >= e.abs() - below / 2)
-    tie = (2 * y == e + g) & (g != e)
-    ok = crossing | tie
-    assert ok.all(), f"fp8 codes differ beyond the interpreter's known casts: y={y[~ok][:5].tolist()} " \
-                     f"expected={e[~ok][:5].tolist()} got={g[~ok][:5].tolist()}"
-    assert mismatch.float().mean() < 0.05  # a handful of such values, not a systematic difference
-    return mismatch
+    assert not mismatch.any(), f"fp8 codes differ in {mismatch.sum().item()} places: x={x.cpu()[mismatch][:5].tolist()}"
 
 
 # --------------------------------------------------------------------------- attention

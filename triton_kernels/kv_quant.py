@@ -248,9 +248,13 @@ def _dequantize_fp8_kernel(codes_ptr, scale_ptr, out_ptr, M, D, BM: tl.constexpr
 def native_fp8() -> bool:
     """Whether the GPU Triton compiles for has fp8 e4m3 conversion instructions (sm_89+).  sm_80 and
     sm_86 lack them (``fp8e4nv`` does not compile there): the fp8 kernels then take the exact
-    bit-manipulation path (:func:`_fp8_e4m3_bits` / :func:`_fp8_e4m3_value`), same bits."""
+    bit-manipulation path (:func:`_fp8_e4m3_bits` / :func:`_fp8_e4m3_value`), same bits.
+    Under the Triton interpreter (CPU) the exact path is taken too: the interpreter's own fp8 casts
+    round some values to the wrong binade and ties away from zero (issue 15), so CPU runs of the
+    Triton backend give torch's fp8 bits instead of refusing fp8; the native cast is checked by the
+    compile-only kernel check (``benchmarks/kernel_check.py``) and on a GPU."""
     if triton_interpreter():
-        return True
+        return False
     target = triton.runtime.driver.active.get_current_target()
     return not (target.backend == "cuda" and isinstance(target.arch, int) and target.arch < 89)
 
