@@ -247,3 +247,28 @@ def test_attention_rejects_bad_input(cuda_backend):
         op(q, k, v, m.kv_num_blocks, m.kv_indices.long(), 64, 64, False, 1.0, None)
     with pytest.raises(RuntimeError, match="block_q"):
         op(q, k, v, m.kv_num_blocks, m.kv_indices, 48, 64, False, 1.0, None)
+
+
+def test_attention_forward_bound_checks_block_indices(cuda_backend):
+    """A mask whose values were never validated (``check_mask=False``, ``torch.compile``): block
+    counts past the number of key blocks (or negative) are clamped and out-of-range indices
+    (negative, huge) skipped by the kernel itself -- never read (ASan reports any read out of
+    bounds) -- and the result is attention over the listed valid blocks (issue 15)."""
+    B, H, Nq, Nk, D, bq, bk = 1, 2, 100, 150, 64, 64, 64  # 2 query blocks, 3 key blocks
+    q, k, v, _ = TA._inputs(B, H, H, Nq, Nk, D, torch.float16, "cpu", seed=11)
+    idx = torch.tensor([[[1, -1, 100000000], [2, -100000000, 0]],
+                        [[0, 5, 2], [-7, 1, 2]]], dtype=torch.int32)[None]
+    num = torch.tensor([[[1000, 2], [-3, 3]]], dtype=torch.int32)
+    valid = torch.zeros(B, H, 2, 3, dtype=torch.bool)  # what the kernel must attend to
+    valid[0, 0, 0, 1] = valid[0, 0, 1, 2] = True  # counts clamped to 3 / 2; -1, 1e8, -1e8 skipped
+    valid[0, 1, 1, 1] = valid[0, 1, 1, 2] = True  # count -3 -> no block; -7 skipped
+    m = BlockMask.from_dense(valid, bq, bk, Nq, Nk)
+    scale = D ** -0.5
+    out, lse = cuda_backend.block_sparse_attn_fwd_cuda(q, k, v, num, idx, bq, bk, False, scale, None)
+    exp_out, exp_lse = aref.attention(q, k, v, m.kv_num_blocks, m.kv_indices, bq, bk, False, scale, None)
+    base_out, _ = aref.attention(q, k, v, m.kv_num_blocks, m.kv_indices, bq, bk, False, scale, None,
+                                 dtype=torch.float16)
+    assert not out.isnan().any() and not lse.isnan().any()
+    TA._check_close(out, exp_out, base_out, TA.FLOORS[torch.float16])
+    empty = torch.isinf(exp_lse)
+    assert empty[0, 1, :bq].all() and torch.equal(torch.isinf(lse), empty) and (out[empty] == 0).all()

@@ -453,6 +453,16 @@ def _pool(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> tor
     return xs / cnt.clamp_min(1)[:, None, :, None]
 
 
+def check_keep(keep) -> None:
+    """``keep`` of the top-k builders: an int count >= 1 or a float fraction in (0, 1]."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"keep must be an int count or a float fraction, got {type(keep).__name__}")
+    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep as a fraction must be in (0, 1], got {keep}")
+    if isinstance(keep, int) and keep < 1:
+        raise ValueError(f"keep as a count must be >= 1, got {keep}")
+
+
 def topk_block_mask(q: torch.Tensor, k: torch.Tensor, keep, *, block_q: int = DEFAULT_BLOCK,
                     block_k: int | None = None, causal: bool = False,
                     valid: torch.Tensor | None = None) -> BlockMask:
@@ -482,12 +492,7 @@ def topk_block_mask(q: torch.Tensor, k: torch.Tensor, keep, *, block_q: int = DE
         raise ValueError(f"k must be (B, H_kv, Nk, D) matching q {tuple(q.shape)} with H % H_kv == 0, "
                          f"got {getattr(k, 'shape', type(k).__name__)}")
     k_len = k.shape[-2]
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be an int count or a float fraction, got {type(keep).__name__}")
-    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep as a fraction must be in (0, 1], got {keep}")
-    if isinstance(keep, int) and keep < 1:
-        raise ValueError(f"keep as a count must be >= 1, got {keep}")
+    check_keep(keep)
     if valid is None:
         valid = torch.ones(q.shape[0], k_len, dtype=torch.bool, device=q.device)
     else:

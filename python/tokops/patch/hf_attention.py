@@ -52,17 +52,11 @@ class SparsePolicy:
     def __post_init__(self):
         from .._checks import check_int, check_power_of_two
         from .._registry import BACKENDS
-        from ..attention.masks import MAX_BLOCK, MIN_BLOCK
+        from ..attention.masks import MAX_BLOCK, MIN_BLOCK, check_keep
 
         if self.kind not in POLICIES:
             raise ValueError(f"kind must be one of {POLICIES}, got {self.kind!r}")
-        keep = self.keep
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            raise TypeError(f"keep must be an int count or a float fraction, got {type(keep).__name__}")
-        if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep as a fraction must be in (0, 1], got {keep}")
-        if isinstance(keep, int) and keep < 1:
-            raise ValueError(f"keep as a count must be >= 1, got {keep}")
+        check_keep(self.keep)
         check_power_of_two("block", self.block, MIN_BLOCK, MAX_BLOCK)
         check_int("window", self.window, min_value=1)
         check_int("sinks", self.sinks, min_value=0)
