@@ -19,20 +19,7 @@ import pytest  # noqa: E402
 
 import tokops  # noqa: E402
 from tokops import _registry  # noqa: E402
-
-
-def runnable_backends() -> list[tuple[str, str]]:
-    """(backend, device) pairs that can run on this machine."""
-    pairs = [("torch", "cpu")]
-    if _registry.triton_available() and _registry.triton_interpreter():
-        pairs.append(("triton", "cpu"))
-    if HAS_GPU:
-        pairs.append(("torch", "cuda"))
-        if _registry.triton_available():
-            pairs.append(("triton", "cuda"))
-        if tokops.cuda_compiled():
-            pairs.append(("cuda", "cuda"))
-    return pairs
+from backends import runnable_backends  # noqa: E402  (tests/backends.py)
 
 
 def pytest_generate_tests(metafunc):

@@ -10,7 +10,7 @@ from tokops.kv import reference as ref
 
 from oracles import check_fp8_codes, naive_dequantize, naive_fp8, naive_quantize
 
-from conftest import runnable_backends
+from backends import runnable_backends
 
 BACKENDS = runnable_backends()
 

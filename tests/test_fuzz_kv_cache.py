@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import tokops
 from tokops.kv import QuantizedKVCache, decode_attention, decode_attention_reference
 
-from conftest import runnable_backends
+from backends import runnable_backends
 
 BACKENDS = runnable_backends()
 

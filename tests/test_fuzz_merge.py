@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import tokops
 from tokops.merge import reference as R
 
-from conftest import runnable_backends
+from backends import runnable_backends
 from test_merge import _mb, _scores64, _separated
 
 BACKENDS = runnable_backends()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import tokops
 from tokops.attention import reference as aref
 
-from conftest import runnable_backends
+from backends import runnable_backends
 
 BACKENDS = runnable_backends()
 SETTINGS = dict(deadline=None, derandomize=True,  # seeded: the same examples on every run

@@ -12,7 +12,7 @@ from tokops.attention import BlockMask, attention_with_key_mass, block_sparse_at
 from tokops.attention import reference as aref
 from tokops.attention.masks import csr_to_dense
 
-from conftest import runnable_backends
+from backends import runnable_backends
 
 CPU_BACKENDS = [b for b, d in runnable_backends() if d == "cpu"]
 
