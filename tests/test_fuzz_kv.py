@@ -11,6 +11,7 @@ from tokops.kv import reference as ref
 from oracles import check_fp8_codes, naive_dequantize, naive_fp8, naive_quantize
 
 from backends import runnable_backends
+from fuzzing import assert_most_reach
 
 BACKENDS = runnable_backends()
 
@@ -148,10 +149,7 @@ def test_fuzz_examples_mostly_reach_the_reference():
     strategies are built so; examples are derandomized, so this fraction is fixed)."""
     if "test_quantize_fuzz" not in REACHED:
         pytest.skip("run together with test_quantize_fuzz")
-    for name, hits in REACHED.items():
-        frac = sum(hits) / len(hits)
-        print(f"{name}: {sum(hits)} of {len(hits)} examples reach the reference ({frac:.0%})")
-        assert frac >= 0.75, (name, sum(hits), len(hits))
+    assert_most_reach(REACHED, 0.75)
 
 
 def test_fuzz_covers_backends():

@@ -9,6 +9,7 @@ import tokops
 from tokops.merge import reference as R
 
 from backends import runnable_backends
+from fuzzing import assert_most_reach
 from test_merge import _mb, _scores64, _separated
 
 BACKENDS = runnable_backends()
@@ -230,7 +231,4 @@ def test_fuzz_examples_mostly_reach_the_reference():
     """Most fuzz examples reach the reference comparison (derandomized: the fraction is fixed)."""
     if "test_matching_fuzz" not in REACHED:
         pytest.skip("run together with the fuzz tests")
-    for name, hits in REACHED.items():
-        frac = sum(hits) / len(hits)
-        print(f"{name}: {sum(hits)} of {len(hits)} examples reach the reference ({frac:.0%})")
-        assert frac >= 0.6, (name, sum(hits), len(hits))
+    assert_most_reach(REACHED, 0.6)
