@@ -155,8 +155,9 @@ def test_known_valid_mark_follows_the_tensors():
     # expand and stack_heads keep the mark (views / concatenations of known-valid masks)
     assert tka.is_known_valid(m.expand(2, 2))
     assert tka.is_known_valid(tka.stack_heads([m, tka.full_block_mask(40, block_q=16)]))
-    assert not tka.is_known_valid(tka.stack_heads([m, _hand_csr()._replace(kv_num_blocks=_hand_csr().kv_num_blocks[:, :1],
-                                                                       kv_indices=_hand_csr().kv_indices[:, :1])]))
+    h = _hand_csr()
+    one_head = h._replace(kv_num_blocks=h.kv_num_blocks[:, :1], kv_indices=h.kv_indices[:, :1])
+    assert not tka.is_known_valid(tka.stack_heads([m, one_head]))
     # replacing a tensor drops it
     bad = m._replace(kv_indices=torch.full_like(m.kv_indices, 1))
     assert not tka.is_known_valid(bad)
@@ -328,3 +329,31 @@ def test_compile_sparse_attention_bert_layer_fullgraph():
     mask = _pad_mask4(2, 50, [50, 31])
     eager, compiled = _compiled_equals_eager(lambda x, m: layer(x, attention_mask=m)[0], h, mask)
     assert torch.equal(eager, compiled)
+
+
+# --------------------------------------------------------------------------- on a GPU: CUDA's own sync check
+@pytest.mark.cuda
+def test_gpu_per_layer_paths_do_not_synchronize():
+    """On a GPU (auto = Triton), after one warm-up call (Triton compiles/autotunes), the same paths run
+    under ``torch.cuda.set_sync_debug_mode("error")``, which also catches host-to-device copies that
+    synchronize (invisible to ``no_host_sync()`` on CPU tensors).  Not run without a GPU."""
+    q, k, v = (t.half().cuda().requires_grad_(True) for t in _qkv(Nq=256, Nk=256, D=64, Hkv=2))
+    x = torch.randn(2, 65, 64, device="cuda", dtype=torch.half)
+
+    def step():
+        m = tka.topk_block_mask(q.detach(), k.detach(), 0.5, block_q=64, causal=True)
+        out = tka.block_sparse_attention(q, k, v, m, causal=True)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        tka.attention_with_key_mass(q, k, v, tka.causal_block_mask(256, block_q=64), causal=True)
+        tka.decode_attention_with_key_mass(q[:, :, -1:].detach(), k.detach(), v.detach())
+        mt = tkm.bipartite_soft_matching(x, 16, class_token=True)
+        y, size = tkm.merge_wavg(mt, x)
+        tkm.unmerge(mt, y)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
