@@ -5,7 +5,9 @@ Works on CPU tensors too: a ``TorchDispatchMode`` sees every aten call, and the 
 tensor's *values* to the host are the ones that sync on a GPU: ``aten._local_scalar_dense`` (behind
 ``.item()``, ``bool(t)``, ``int(t)``, ``float(t)``, ``.tolist()`` of a 0-d tensor, Python ``if t:``),
 ``.tolist()``/``.numpy()`` (refused while the context is active), ``aten.nonzero`` and the other ops whose output shape depends on the data (``masked_select``,
-``unique``, boolean-mask indexing ``x[mask]``), and copies of a device tensor to the CPU.
+``unique``, boolean-mask indexing ``x[mask]``), and copies of a device tensor to the CPU -- also inside
+the Python kernels of ``tokops::`` ops (the torch backend's code), which the dispatcher would otherwise
+run with the mode popped.
 
     from nosync import no_host_sync
     with no_host_sync():
@@ -55,6 +57,15 @@ class _NoSync(TorchDispatchMode):
             src = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if src is not None and src.device.type != "cpu" and dev is not None and torch.device(dev).type == "cpu":
                 raise HostSyncError(f"host sync: {func} copies a {src.device} tensor to the CPU")
+        if func.namespace == "tokops":
+            # A tokops op's kernel is a Python function registered for the CPU/CUDA key; the dispatcher
+            # runs it after this handler with the mode popped, so the aten calls inside it (the torch
+            # backend's code, a launcher's host logic) would be invisible.  Run the kernel with the mode
+            # pushed again, so a sync inside a kernel wrapper is caught too.
+            dev = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+            key = torch._C.DispatchKey.CUDA if dev.type == "cuda" else torch._C.DispatchKey.CPU
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -9,7 +9,7 @@ from nosync import HostSyncError, no_host_sync
 def test_device_only_work_passes():
     x = torch.randn(7)
     with no_host_sync():
-        y = torch.where(x > 0, x, 0).cumsum(0)[x.argmax()] + x.topk(3).values.sum()
+        y = torch.where(x > 0, x, 0).cumsum(0).gather(0, x.argmax()[None]) + x.topk(3).values.sum()
     assert torch.isfinite(y)
 
 
@@ -19,6 +19,7 @@ def test_device_only_work_passes():
     ("int", lambda x: int(x.argmax())),
     ("mask-index", lambda x: x[x > 0]),
     ("nonzero", lambda x: x.nonzero()),
+    ("index-0d-tensor", lambda x: x[x.argmax()]),  # Python indexing reads a 0-d integer index (item)
     ("tolist", lambda x: x.tolist()),
     ("masked_select", lambda x: x.masked_select(x > 0)),
 ])

@@ -12,6 +12,13 @@ A :class:`BlockMask` says which ``block_k``-key blocks each ``block_q``-query bl
 the mask tensors (no host sync), so it traces under ``torch.compile``; only :func:`validate_mask`
 reads mask values (it is skipped while compiling).
 
+Mask values are validated where the mask is built, not per call (issue 12): every builder here
+(:meth:`BlockMask.from_dense` and the builders below, :meth:`BlockMask.expand`, :func:`stack_heads`)
+returns a mask that is valid by construction and *known valid* (a host-side mark on its tensors, see
+:mod:`tokops._known_valid`), and so is a mask that :func:`validate_mask` / :meth:`BlockMask.validate`
+checked once.  The attention ops do not read a known-valid mask again: no host sync per call.  The
+mark is dropped when a tensor is replaced (``_replace``) or edited in place.
+
 The builders are block-granular: a block is kept when *any* of its (query, key) pairs is allowed.
 Use them with ``causal=True`` in the attention call for exact token-level causal masking inside the
 diagonal blocks.  Causal alignment is bottom-right (FlashAttention >= 2.1): query ``i`` sees key ``j``
@@ -24,6 +31,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from .. import _known_valid
 from .._checks import check_int, check_power_of_two
 
 MIN_BLOCK, MAX_BLOCK = 16, 256
@@ -67,7 +75,7 @@ class BlockMask(NamedTuple):
                              f"block_k={block_k} must have shape (B, H, {_cdiv(q_len, block_q)}, "
                              f"{_cdiv(k_len, block_k)}), got {tuple(dense.shape)}")
         num, idx = dense_to_csr(dense)
-        return BlockMask(num, idx, block_q, block_k, q_len, k_len)
+        return _mark_valid(BlockMask(num, idx, block_q, block_k, q_len, k_len))
 
     def to_dense(self) -> torch.Tensor:
         """Boolean block mask ``(B, H, nQ, nK)``."""
@@ -81,8 +89,21 @@ class BlockMask(NamedTuple):
     def expand(self, B: int, H: int) -> "BlockMask":
         """Broadcast B = 1 / H = 1 to ``(B, H)`` (views, no copy)."""
         nq, nk = self.kv_indices.shape[-2:]
-        return self._replace(kv_num_blocks=self.kv_num_blocks.expand(B, H, nq),
-                             kv_indices=self.kv_indices.expand(B, H, nq, nk))
+        out = self._replace(kv_num_blocks=self.kv_num_blocks.expand(B, H, nq),
+                            kv_indices=self.kv_indices.expand(B, H, nq, nk))
+        how = _known_how(self)
+        return out if how is None else _mark_valid(out, how)
+
+    def validate(self) -> "BlockMask":
+        """Check the mask *values* once (one host sync): ``0 <= kv_num_blocks <= nK``, listed indices
+        in ``[0, nK)``, no block listed twice in a row; raise ``ValueError`` naming the field, else
+        return the mask, now known valid (the attention ops do not read it again)."""
+        idx = self.kv_indices
+        is4 = isinstance(idx, torch.Tensor) and idx.dim() == 4
+        B, H = (idx.shape[0], idx.shape[1]) if is4 else (1, 1)  # else validate_mask names the bad field
+        dev = idx.device if isinstance(idx, torch.Tensor) else getattr(self.kv_num_blocks, "device", None)
+        validate_mask(self, B, H, self.q_len, self.k_len, dev)
+        return self
 
     def token_mask(self, causal: bool = False) -> torch.Tensor:
         """Boolean token mask ``(B, H, q_len, k_len)`` (for reference code and small sizes only)."""
@@ -170,6 +191,35 @@ def causal_token_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- validation
+_CANONICAL, _VALIDATED = "canonical", "validated"
+
+
+def _mark_valid(mask: BlockMask, how: str = _CANONICAL) -> BlockMask:
+    """Record that ``mask``'s values are valid; returns it.  ``how``: ``"canonical"`` (a builder's
+    output: indices also ascending, exactly what :func:`canonical_csr` gives) or ``"validated"``
+    (passed :func:`validate_mask`).  Host-side only."""
+    if not torch.compiler.is_compiling() and mask.kv_indices.device.type != "meta":
+        _known_valid.mark(mask.kv_indices, mask.kv_num_blocks, tag=how)
+    return mask
+
+
+def _known_how(mask) -> str | None:
+    """``"canonical"`` / ``"validated"`` (see :func:`_mark_valid`) for a known-valid mask, else None."""
+    if torch.compiler.is_compiling() or not isinstance(mask, BlockMask):
+        return None
+    num, idx = mask.kv_num_blocks, mask.kv_indices
+    if not isinstance(num, torch.Tensor) or not isinstance(idx, torch.Tensor):
+        return None
+    return _known_valid.lookup(idx, num)[1]
+
+
+def is_known_valid(mask: BlockMask) -> bool:
+    """Whether ``mask``'s values are known valid without reading them: built by a tokops builder, or
+    checked once by :func:`validate_mask`, and neither tensor replaced or edited in place since.
+    Host-side bookkeeping only (never reads the mask); always False under ``torch.compile``."""
+    return _known_how(mask) is not None
+
+
 def _check_blocks(block_q, block_k) -> None:
     check_power_of_two("block_q", block_q, MIN_BLOCK, MAX_BLOCK)
     check_power_of_two("block_k", block_k, MIN_BLOCK, MAX_BLOCK)
@@ -189,7 +239,9 @@ def validate_mask(mask: BlockMask, B: int, H: int, q_len: int, k_len: int, devic
     """Check ``mask`` against the attention shapes; raise TypeError/ValueError naming the field.
 
     Shape/dtype checks never read values; with ``read_values`` (skipped under ``torch.compile``)
-    also checks ``0 <= kv_num_blocks <= nK``, indices in ``[0, nK)`` and no repeated block in a row.
+    also checks ``0 <= kv_num_blocks <= nK``, indices in ``[0, nK)`` and no repeated block in a row:
+    one host sync, unless the mask is already known valid (:func:`is_known_valid`: built by a tokops
+    builder or checked before), in which case nothing is read.  A mask that passes becomes known valid.
     """
     if not isinstance(mask, BlockMask):
         raise TypeError(f"mask must be a tokops.attention.BlockMask, got {type(mask).__name__}")
@@ -219,7 +271,7 @@ def validate_mask(mask: BlockMask, B: int, H: int, q_len: int, k_len: int, devic
         raise ValueError(f"mask.kv_num_blocks must have shape {(mb, mh, nq)}, got {tuple(num.shape)}")
     if idx.stride(-1) != 1:
         raise ValueError(f"mask.kv_indices must be contiguous in its last dim, got strides {idx.stride()}")
-    if not read_values:
+    if not read_values or is_known_valid(mask):
         return
     # one host sync for all value checks; the details are computed only when something is wrong
     used = torch.arange(nk, device=idx.device) < num.unsqueeze(-1)
@@ -236,6 +288,7 @@ def validate_mask(mask: BlockMask, B: int, H: int, q_len: int, k_len: int, devic
                          f"got values in [{int(vals.min())}, {int(vals.max())}]")
     if flags[2]:
         raise ValueError("mask.kv_indices: a key block is listed twice in one row")
+    _mark_valid(mask, _VALIDATED)
 
 
 def as_block_mask(mask, q_len: int, k_len: int, block_q: int | None = None, block_k: int | None = None,
@@ -432,8 +485,12 @@ def stack_heads(masks: Sequence[BlockMask]) -> BlockMask:
             raise TypeError(f"masks[{i}] must be a BlockMask, got {type(m).__name__}")
         if m[2:] != m0[2:] or m.kv_indices.shape[1] != 1 or m.kv_indices.shape[0] != m0.kv_indices.shape[0]:
             raise ValueError(f"masks[{i}]: every mask needs H = 1 and the geometry of masks[0]")
-    return m0._replace(kv_num_blocks=torch.cat([m.kv_num_blocks for m in masks], 1),
-                       kv_indices=torch.cat([m.kv_indices for m in masks], 1))
+    out = m0._replace(kv_num_blocks=torch.cat([m.kv_num_blocks for m in masks], 1),
+                      kv_indices=torch.cat([m.kv_indices for m in masks], 1))
+    hows = {_known_how(m) for m in masks}
+    if None in hows:
+        return out
+    return _mark_valid(out, _CANONICAL if hows == {_CANONICAL} else _VALIDATED)
 
 
 def _pool(x: torch.Tensor, block: int, valid: torch.Tensor | None = None) -> torch.Tensor:

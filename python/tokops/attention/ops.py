@@ -15,7 +15,8 @@ import torch
 from .. import _registry as reg
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, dense, last_dim_dense
 from . import reference as ref
-from .masks import BlockMask, as_block_mask, canonical_csr, full_block_mask, transpose_csr, validate_mask
+from .masks import (_CANONICAL, BlockMask, _known_how, as_block_mask, canonical_csr, full_block_mask,
+                    transpose_csr, validate_mask)
 
 MAX_HEAD_DIM = 256
 
@@ -59,18 +60,26 @@ def _check_attention(q, k, v, key_bias, scale, causal):
     return q, k, v, key_bias, float(scale)
 
 
-def _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask):
-    """Checks and mask conversion; returns ``(q, k, v, key_bias, mask, scale)``."""
+def _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask, trusted: bool = False):
+    """Checks and mask conversion; returns ``(q, k, v, key_bias, mask, scale)``.  ``trusted``: the
+    caller wrote ``mask`` itself (valid and canonical by construction, also under ``torch.compile``):
+    only its shapes are checked."""
     q, k, v, key_bias, scale = _check_attention(q, k, v, key_bias, scale, causal)
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     mask = as_block_mask(mask, Nq, Nk, block_q, block_k, q.device)
     if not isinstance(check_mask, bool):
         raise TypeError(f"check_mask must be a bool, got {type(check_mask).__name__}")
-    # meta tensors (shape propagation) have no values to check: the op's fake kernel runs
-    read_values = check_mask and not torch.compiler.is_compiling() and q.device.type != "meta"
+    # Known-valid masks (every tokops builder's output, or a mask validated once) are not read again:
+    # no host sync per call.  Any other mask is validated once with check_mask (one host sync, a
+    # ValueError naming the field), after which it is known valid.  Meta tensors (shape propagation)
+    # have no values to check: the op's fake kernel runs.
+    how = _CANONICAL if trusted else _known_how(mask)
+    read_values = check_mask and how is None and not torch.compiler.is_compiling() and q.device.type != "meta"
     validate_mask(mask, B, H, Nq, Nk, q.device, read_values=read_values)
-    if not read_values:
+    # A builder's mask is canonical already; a mask validated by a check (valid, maybe unsorted) runs
+    # as it is with check_mask, as before, and is canonicalised without.
+    if not read_values and how != _CANONICAL and not (check_mask and how is not None):
         # Values not validated (torch.compile, check_mask=False): make the CSR canonical on device (no
         # host sync): counts clamped to [0, nK], out-of-range indices dropped, a repeated block counted
         # once -- the set semantics of the torch backend.  The kernels bound-check too (never read out
@@ -250,11 +259,17 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     the key all the weight of every row that sees it (shared evenly among a row's ``+inf`` keys;
     implemented as a bias of ``POS_INF_BIAS = 1e4``, so the ``lse`` of such a row is finite).
 
-    ``check_mask`` validates the mask *values* (indices in range, no repeats; one host sync per call,
-    skipped under ``torch.compile``); pass ``False`` for a mask you built and checked once.  A mask
-    whose values were not validated is never read out of bounds: it is taken as the *set* of its
-    valid entries (counts clamped to ``[0, nK]``, out-of-range indices ignored, a repeated block
-    counted once), identically on every backend.
+    ``check_mask`` validates the mask *values* (indices in range, no repeats) where that is needed,
+    never per call: a mask built by the tokops builders is valid by construction and a mask that
+    passed :func:`~tokops.attention.validate_mask` (or :meth:`BlockMask.validate`, or an earlier
+    checked call) is known valid; neither is read again (no host sync; see
+    :func:`~tokops.attention.is_known_valid`).  Any other mask (CSR tensors built by hand) is checked
+    on its first use: one host sync and a ``ValueError`` naming the bad field; validate it once
+    up front to keep the per-layer path free of that sync.  ``check_mask=False``, and every call under
+    ``torch.compile``, reads no values: a mask whose values were not validated is never read out of
+    bounds: it is taken as the *set* of its valid entries (counts clamped to ``[0, nK]``,
+    out-of-range indices ignored, a repeated block counted once; canonicalised on the device),
+    identically on every backend.
 
     Returns ``out (B, H, Nq, D)`` in the input dtype, and ``lse (B, H, Nq)`` fp32 (natural log) with
     ``return_lse``.  Differentiable in ``q``, ``k``, ``v`` and ``key_bias`` (and through ``lse``).
@@ -283,11 +298,16 @@ def attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     H2O / SnapKV style KV eviction or ToMe/PiToMe-style token importance).
     """
     q, k, v, key_bias, mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, block_q, block_k, check_mask)
+    qn, qi = transpose_csr(mask.kv_num_blocks, mask.kv_indices)
+    return _attention_and_mass(q, k, v, mask, qn, qi, causal, scale, key_bias, backend)
+
+
+def _attention_and_mass(q, k, v, mask: BlockMask, qn, qi, causal: bool, scale: float, key_bias, backend: str):
+    """Forward + key-mass pass over ``mask`` and its transpose ``(qn, qi)`` (inputs already checked)."""
     be = _fwd_backend(backend, q, k, v, mask)
     q, k, v = _kernel_inputs(be, q, k, v)
     out, lse = _fwd_op(q, k, v, mask.kv_num_blocks, mask.kv_indices, mask.block_q, mask.block_k, causal, scale,
                        key_bias, be)
-    qn, qi = transpose_csr(mask.kv_num_blocks, mask.kv_indices)
     kb = None if key_bias is None else key_bias.detach()
     mass = _mass_op(q.detach(), k.detach(), lse.detach(), qn, qi, mask.block_q, mask.block_k, causal, scale, kb,
                     _companion_backend(be))
@@ -304,6 +324,10 @@ def decode_attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     Uses one query block of ``max(16, next_pow2(Nq))`` rows; the mass pass runs one program per key
     tile (parallel over the cache).  Note: the forward walks the cache sequentially per (b, h) (no
     split-K yet), so it is correct but not a tuned long-context decode kernel.
+
+    Per step nothing is read on the host and nothing is sorted: the one-query-block mask (every key
+    block, ``(1, 1, 1, nK)``) and its transpose (``(1, 1, nK, 1)``) are written directly with
+    ``arange``/``full`` (the values :func:`full_block_mask` and :func:`transpose_csr` would give).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q must be a (B, H, Nq, D) tensor, got {getattr(q, 'shape', type(q).__name__)}")
@@ -314,6 +338,17 @@ def decode_attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     bq = max(16, 1 << (nq - 1).bit_length())
     if not isinstance(k, torch.Tensor) or k.dim() != 4:
         raise ValueError(f"k must be a (B, H_kv, Nk, D) tensor, got {getattr(k, 'shape', type(k).__name__)}")
-    mask = full_block_mask(nq, k.shape[2], block_q=bq, block_k=block_k, device=q.device)
-    return attention_with_key_mass(q, k, v, mask, causal=causal, scale=scale, key_bias=key_bias, check_mask=False,
-                                   backend=backend)
+    nk_tok = k.shape[2]
+    if isinstance(block_k, int) and not isinstance(block_k, bool) and block_k > 0 and nk_tok > 0 and nq > 0:
+        n_blocks = -(-nk_tok // block_k)
+        dev = q.device
+        mask = BlockMask(torch.full((1, 1, 1), n_blocks, dtype=torch.int32, device=dev),
+                         torch.arange(n_blocks, dtype=torch.int32, device=dev).view(1, 1, 1, n_blocks),
+                         bq, block_k, nq, nk_tok)
+    else:  # a bad block_k / empty input: the builder raises the usual error
+        mask = full_block_mask(nq, nk_tok, block_q=bq, block_k=block_k, device=q.device)
+    q, k, v, key_bias, mask, scale = _prepare(q, k, v, mask, causal, scale, key_bias, None, None, False, trusted=True)
+    nb = mask.kv_indices.shape[-1]
+    qn = torch.ones((1, 1, nb), dtype=torch.int32, device=q.device)  # transpose: every key block has query block 0
+    qi = torch.zeros((1, 1, nb, 1), dtype=torch.int32, device=q.device)
+    return _attention_and_mass(q, k, v, mask, qn, qi, causal, scale, key_bias, backend)

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import _known_valid
 from .. import _registry as reg
 from .._checks import FLOAT_DTYPES, check_int, check_same_device, check_shape, check_tensor, dense
 from . import reference as ref
@@ -337,7 +338,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r, class_token: bool = False, 
     ``valid: (B, N) bool`` (padded batches): padding tokens are never sources or destinations; each
     row merges ``r_b`` of its own valid tokens; the output row holds the surviving valid tokens in
     ToMe's layout followed by padding (zeros, ``Matching.valid`` False), and ``n_out = max_b(n_valid_b
-    - r_b)``.  This path reads the per-row counts on the host (one device sync).
+    - r_b)``.  Host syncs: the unpadded path (no ``valid``, no ``threshold``, ``min_keep`` None or an
+    int) has none -- its output length ``N - r`` is known on the host.  The padded path has exactly
+    one: ``n_out`` (and ``Matching.r = max_b r_b``) is read in one transfer, because the output shape
+    depends on the per-row counts (no host-known length bounds it in general: NaN scores and
+    ``threshold`` can make any row merge fewer tokens).
 
     Length safety (applied per row, after ``r``; DESIGN.md "Padded batches"):
 
@@ -404,10 +409,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r, class_token: bool = False, 
         comp_a = torch.where(is_src & valid[:, 0::2], comp.gather(1, src_dst_tok.clamp_max(N - 1)), comp[:, 0::2])
         comp[:, 0::2] = comp_a
         n_keep = n_valid - r_rows
-        n_out = int(n_keep.max().item())
+        # The one host sync of the padded path (issue 12): the output length max_b(n_keep_b) depends on
+        # the data (per-row r, NaN scores, thresholds); read it together with Matching.r in one transfer.
+        n_out, r_max = torch.stack([n_keep.max(), r_rows.max()]).tolist()
         out_valid = torch.arange(n_out, device=metric.device)[None, :] < n_keep[:, None]
-    return _finish(comp, n_out, N, int(r_rows.max().item()), class_token, distill_token, valid=out_valid,
-                   r_rows=r_rows)
+    return _finish(comp, n_out, N, r_max, class_token, distill_token, valid=out_valid, r_rows=r_rows)
 
 
 # --------------------------------------------------------------------------- applying a matching
@@ -622,6 +628,8 @@ def prune_topk(x: torch.Tensor, scores: torch.Tensor, keep, protect=None, *, bac
         s = s.masked_fill(mask.expand(B, N), math.inf)
     with torch.no_grad():
         kept_idx = torch.argsort(s, dim=1, descending=True, stable=True)[:, :keep].sort(dim=1).values
+    if not torch.compiler.is_compiling() and x.device.type != "meta":
+        _known_valid.mark(kept_idx, tag=N)  # indices in [0, N) by construction: scatter_back need not read them
     be = reg.resolve_backend("token_gather", backend, x.device)
     return _gather_op(x, kept_idx, 0.0, be), kept_idx
 
@@ -629,7 +637,13 @@ def prune_topk(x: torch.Tensor, scores: torch.Tensor, keep, protect=None, *, bac
 def scatter_back(x_kept: torch.Tensor, kept_idx: torch.Tensor, N: int, fill=None, *, backend: str = "auto"):
     """Put ``x_kept: (B, K, C)`` back at ``kept_idx: (B, K)`` (unique per row) of a ``(B, N, C)``
     tensor; the other tokens are ``fill``: ``None``/0, a float, or a ``(B, N, C)`` tensor (e.g. the
-    tokens before pruning).  Differentiable w.r.t. ``x_kept`` (and ``fill`` when a tensor)."""
+    tokens before pruning).  Differentiable w.r.t. ``x_kept`` (and ``fill`` when a tensor).
+
+    ``kept_idx`` is range-checked where it is built, not per call: the ``kept_idx`` of
+    :func:`prune_topk` (for ``N`` at least its input length) is not read (no host sync).  Any other
+    index tensor is checked on its first use (one host sync; ``ValueError`` for an index outside
+    ``[0, N)``) and then known valid while unchanged; under ``torch.compile`` nothing is read and an
+    out-of-range index is dropped."""
     check_tensor("x_kept", x_kept, dtypes=FLOAT_DTYPES, ndim=3, contiguous=False)
     x_kept = dense(x_kept)  # the gather kernel takes a contiguous input: one internal copy of a strided view
     check_tensor("kept_idx", kept_idx, dtypes=(torch.int64,), ndim=2, contiguous=False)
@@ -638,9 +652,12 @@ def scatter_back(x_kept: torch.Tensor, kept_idx: torch.Tensor, N: int, fill=None
     check_int("N", N, min_value=x_kept.shape[1])
     B, K, C = x_kept.shape
     if not torch.compiler.is_compiling() and kept_idx.device.type != "meta" and kept_idx.numel():
-        lo, hi = (int(t) for t in torch.stack([kept_idx.min(), kept_idx.max()]).tolist())  # one host sync
-        if lo < 0 or hi >= N:
-            raise ValueError(f"kept_idx must hold token indices in [0, N={N}), got values in [{lo}, {hi}]")
+        known, bound = _known_valid.lookup(kept_idx)
+        if not known or bound > N:
+            lo, hi = (int(t) for t in torch.stack([kept_idx.min(), kept_idx.max()]).tolist())  # one host sync
+            if lo < 0 or hi >= N:
+                raise ValueError(f"kept_idx must hold token indices in [0, N={N}), got values in [{lo}, {hi}]")
+            _known_valid.mark(kept_idx, tag=hi + 1)
     # out-of-range indices (only possible unchecked, under torch.compile) go to a dropped extra column
     idx = torch.where((kept_idx >= 0) & (kept_idx < N), kept_idx, N)
     slot = torch.full((B, N + 1), -1, dtype=torch.int64, device=x_kept.device)

@@ -11,8 +11,14 @@ mean-pooled q/k per block, :func:`tokops.attention.topk_block_mask`), ``"window"
 window + attention sinks, StreamingLLM; causal models), or ``"full"``. Key padding from the
 attention mask becomes a ``-inf`` key bias and the builders' ``valid`` mask (padded key blocks are
 never selected, a fraction ``keep`` counts each row's valid blocks), so in a right-padded batch
-every row gives what it gives alone, for every policy; no host sync. Causal models
-(``module.is_causal``) attend causally.
+every row gives what it gives alone, for every policy. Causal models (``module.is_causal``) attend
+causally.
+
+No host sync per layer (issue 12): the key padding is read from the mask on the device
+(:func:`key_padding_mask`), the builders' masks are known valid (the attention op does not read them
+again) and the call compiles with ``torch.compile(fullgraph=True)``.  (transformers' own mask
+creation, once per forward and not under ``torch.compile``, checks on the host whether a 2-D
+attention mask pads anything, to skip the mask.)
 """
 
 from __future__ import annotations
@@ -69,8 +75,9 @@ DEFAULT_POLICY = SparsePolicy()
 
 def key_padding_valid(attention_mask, B: int, Nk: int) -> torch.Tensor | None:
     """Key validity ``(B, Nk)`` bool from a transformers attention mask (2-D 0/1, or 4-D bool /
-    additive); None when nothing is padded (this reads the mask on the host: one sync; the sparse
-    attention path uses :func:`key_padding_mask`, which does not)."""
+    additive); None when nothing is padded.  This reads the mask on the host (one sync): call it once
+    per forward, not per layer (ToMe's BERT forward does, to take the unpadded path); the sparse
+    attention path uses :func:`key_padding_mask`, which does not read it."""
     valid = key_padding_mask(attention_mask, B, Nk)
     return None if valid is None or bool(valid.all()) else valid
 

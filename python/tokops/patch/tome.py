@@ -52,6 +52,13 @@ an int ``r`` with ``r_mode="total"`` is a total count per row).
 
 Inference only: the patched forward skips attention-probability dropout and does not return
 attention weights or per-layer hidden states.
+
+Host syncs (issue 12): the per-layer path of an unpadded batch (no attention mask, or a timm / ViT
+model) has none -- attention, matching, merge and unmerge stay on the device, and the whole layer
+compiles with ``torch.compile(fullgraph=True)`` (tests/test_host_sync.py).  A transformers text batch
+with an ``attention_mask`` costs one sync per forward (:func:`key_padding_valid`: is anything padded?
+if not, the unpadded path runs), and a padded batch one per layer: the merged length of a padded
+batch is the longest row's, which depends on the data (see :func:`tokops.merge.bipartite_soft_matching`).
 """
 
 from __future__ import annotations
@@ -252,8 +259,11 @@ def _length_safety(state: ToMeState, layer: int, r, x, valid):
     min_keep = floors[0]
     for f in floors[1:]:
         min_keep = torch.maximum(torch.as_tensor(min_keep), torch.as_tensor(f)) if is_t else max(min_keep, f)
-    if is_t:
-        min_keep = torch.as_tensor(min_keep, device=x.device).to(torch.int64).expand(x.shape[0]).contiguous()
+    if is_t:  # a (B,) device tensor, made on the device (a Python int copied host-to-device would sync)
+        if isinstance(min_keep, torch.Tensor):
+            min_keep = min_keep.to(device=x.device, dtype=torch.int64).expand(x.shape[0]).contiguous()
+        else:
+            min_keep = torch.full((x.shape[0],), min_keep, dtype=torch.int64, device=x.device)
     return r, min_keep
 
 
