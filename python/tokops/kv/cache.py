@@ -228,10 +228,8 @@ class QuantizedKVCache:
     @property
     def n_pinned(self) -> int:
         """Tokens pinned in full precision by ``append(..., important=)`` (they never leave the
-        residual); the maximum over the rows of a ragged cache (one host sync there)."""
-        if self._exact or not self.initialized:
-            return self._n_pinned
-        return int(self._npin.max())
+        residual); exact for a uniform cache, else an upper bound over the rows (no sync)."""
+        return self._n_pinned
 
     def lengths(self) -> torch.Tensor:
         """Cached tokens of each row, ``(B,)`` int32 on the cache's device (no sync)."""
@@ -673,7 +671,7 @@ class QuantizedKVCache:
         j = torch.arange(Q, device=dev)
         valid = j < nq[:, None, None]  # (B, 1, Q)
         s = torch.where(valid, self._q_score[..., :Q], float("-inf"))
-        order = s.argsort(-1, descending=True, stable=True)
+        order = s.argsort(dim=-1, descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(-1, order, j.expand(B, H, Q).contiguous())
         kept = valid & (rank < keep[:, None, None])
         src = _gather_src(kept, Q)  # (B, H, Q)
