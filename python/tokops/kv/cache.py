@@ -271,6 +271,7 @@ class QuantizedKVCache:
         except BaseException:
             self._restore(snap)
             raise
+        self._sync_lengths()
 
     def _append(self, k, v, important) -> None:
         if not self.initialized:
@@ -416,6 +417,7 @@ class QuantizedKVCache:
         for a, t in attrs.items():
             setattr(self, a, t)
         self._shape = (index.numel(), *self._shape[1:])
+        self._sync_lengths()
 
     # ------------------------------------------------------------------ rollback (speculative decoding)
     @property
@@ -486,18 +488,41 @@ class QuantizedKVCache:
         # commit (nothing above changed the cache)
         self._set_residual(kr, vr, rpos, rpin, rscore)
         self.n_quant, self._n_pinned, self._next_pos = new_nq, n_pinned, length
+        self._sync_lengths()
 
     # ------------------------------------------------------------------ views for the kernels
+    def _sync_lengths(self) -> None:
+        """Bring the device length tensors ``(2, B)`` int32 (row 0: n_quant, row 1: n_res per batch row)
+        up to date with the ints.  Updated in place with ``fill_`` (a kernel launch with the value as an
+        argument: no host->device copy, no sync), so a captured CUDA graph that reads them replays
+        with the new lengths; reallocated only when the batch size or device changes."""
+        if not self.initialized:
+            return
+        B = self._shape[0]
+        lt = self.__dict__.get("_len_t")
+        if lt is None or lt.shape[1] != B or lt.device != self._device:
+            lt = torch.empty(2, B, dtype=torch.int32, device=self._device)
+            self._len_t, self._len_key = lt, None
+        key = (self.n_quant, self.n_res)
+        if self._len_key != key:
+            lt[0].fill_(self.n_quant)
+            lt[1].fill_(self.n_res)
+            self._len_key = key
+
     def tensors(self) -> dict:
-        """The cache's buffers (capacity-sized; only the first ``n_quant`` / ``n_res`` tokens are valid).
-        fp8 codes are returned as uint8 bit patterns; ``k_zero``/``v_zero`` are empty in fp8 mode."""
+        """The cache's buffers (capacity-sized; only the first ``n_quant`` / ``n_res`` tokens are valid)
+        and the per-row lengths ``n_quant``/``n_res``: int32 ``(B,)`` on the cache's device (the
+        decode op's length arguments).  fp8 codes are returned as uint8 bit patterns;
+        ``k_zero``/``v_zero`` are empty in fp8 mode."""
         if not self.initialized:
             raise ValueError("the cache is empty and was never appended to: its shape is unknown")
+        self._sync_lengths()
         st = dict(self._store)
         if self.mode == "fp8":
             empty = torch.zeros(0, dtype=torch.float16, device=self._device)
             st["k_zero"] = st["v_zero"] = empty
         st["k_res"], st["v_res"] = self._k_res, self._v_res
+        st["n_quant"], st["n_res"] = self._len_t[0], self._len_t[1]
         return st
 
     def positions(self) -> torch.Tensor:
