@@ -312,7 +312,6 @@ def kv_decode_cases(quick: bool):
                 dt = torch.float16
                 q = _meta((B, H, 1, D), dt)
                 res = [_meta((B, HKV, R, D), dt) for _ in range(2)]
-                nq = L - R
                 if mode == "fp8":
                     kc, vc = (_meta((B, HKV, L, D), torch.uint8) for _ in range(2))
                     ks, vs = (_meta((B, HKV, L), torch.float32) for _ in range(2))
@@ -324,7 +323,8 @@ def kv_decode_cases(quick: bool):
                     ks = kz = _meta((B, HKV, L // G, D), torch.float16)
                     vc = _meta((B, HKV, L, D * bits // 32), torch.int32)
                     vs = vz = _meta((B, HKV, L, D // G), torch.float16)
-                m.decode_attention(q, kc, ks, kz, vc, vs, vz, *res, nq, R, mode, bits, bits, G, ka, va, D ** -0.5,
+                lens = [_meta((B,), torch.int32) for _ in range(2)]  # per-row lengths live on the device
+                m.decode_attention(q, kc, ks, kz, vc, vs, vz, *res, *lens, L, mode, bits, bits, G, ka, va, D ** -0.5,
                                    True)
             out.append((f"kv decode {mode}{'' if mode == 'fp8' else bits} B={B}", fn, archs))
     return out

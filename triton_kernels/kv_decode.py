@@ -101,7 +101,7 @@ def _online_update(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr):
 
 @triton.jit
 def _decode_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, m_ptr, l_ptr, acc_ptr,
-                           n_quant, n_res, L, NQ, GQ, HKV, H, qk_scale,
+                           nq_ptr, nr_ptr, cap_q, cap_r, NQ, GQ, HKV, H, qk_scale,
                            kc_bh, ks_bh, vc_bh, vs_bh, kr_bh, kr_t, vr_bh, vr_t,
                            D, K_WD, K_NGD, V_WD, V_NGD, n_qsplits, iters_q, iters_r, S,
                            FP8: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, G: tl.constexpr,
@@ -111,6 +111,9 @@ def _decode_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, m_ptr, l_ptr, 
     split = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
+    n_quant = tl.minimum(tl.load(nq_ptr + b), cap_q)  # this row's lengths (clamped to the buffers)
+    n_res = tl.minimum(tl.load(nr_ptr + b), cap_r)
+    L = n_quant + n_res
     rows = tl.arange(0, BM)
     hh = rows // NQ
     qi = rows % NQ
@@ -126,7 +129,7 @@ def _decode_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, m_ptr, l_ptr, 
     if split < n_qsplits:
         start = split * (iters_q * BN)
         end = tl.minimum(start + iters_q * BN, n_quant)
-        for j in range(0, iters_q):
+        for j in range(0, tl.cdiv(tl.maximum(end - start, 0), BN)):
             t0 = start + j * BN
             t = t0 + tl.arange(0, BN)
             tmask = t < end
@@ -140,7 +143,7 @@ def _decode_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, m_ptr, l_ptr, 
     else:
         start = (split - n_qsplits) * (iters_r * BN)
         end = tl.minimum(start + iters_r * BN, n_res)
-        for j in range(0, iters_r):
+        for j in range(0, tl.cdiv(tl.maximum(end - start, 0), BN)):
             t = start + j * BN + tl.arange(0, BN)
             tmask = t < end
             m2 = tmask[:, None] & dmask[None, :]
@@ -178,7 +181,8 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, S, D, BS: tl.constexp
 
 
 @triton.jit
-def _mass_kernel(q_ptr, kc, ks, kz, kr, lse_ptr, mass_ptr, n_quant, n_res, L, NQ, GQ, HKV, H, qk_scale,
+def _mass_kernel(q_ptr, kc, ks, kz, kr, lse_ptr, mass_ptr, nq_ptr, nr_ptr, cap_q, cap_r, max_len, NQ, GQ, HKV, H,
+                 qk_scale,
                  kc_bh, ks_bh, kr_bh, kr_t, D, K_WD, K_NGD, n_qblocks,
                  FP8: tl.constexpr, BITS_K: tl.constexpr, G: tl.constexpr, K_AXIS: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
@@ -187,6 +191,9 @@ def _mass_kernel(q_ptr, kc, ks, kz, kr, lse_ptr, mass_ptr, n_quant, n_res, L, NQ
     blk = tl.program_id(1)
     b = bh // HKV
     hk = bh % HKV
+    n_quant = tl.minimum(tl.load(nq_ptr + b), cap_q)
+    n_res = tl.minimum(tl.load(nr_ptr + b), cap_r)
+    L = n_quant + n_res
     d = tl.arange(0, BD)
     dmask = d < D
     if blk < n_qblocks:
@@ -212,7 +219,7 @@ def _mass_kernel(q_ptr, kc, ks, kz, kr, lse_ptr, mass_ptr, n_quant, n_res, L, NQ
         s = _dot(q, tl.trans(k), DOT_DTYPE) * qk_scale
         p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
         mass = tl.sum(p, 0)
-        tl.store(mass_ptr + (b * H + hk * GQ + hh) * L + pos, mass, mask=tmask)
+        tl.store(mass_ptr + (b * H + hk * GQ + hh) * max_len + pos, mass, mask=tmask & (pos < max_len))
 
 
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -225,40 +232,57 @@ def _target_programs(device) -> int:
     return int(os.environ.get("TOKOPS_KV_DECODE_CPU_PROGRAMS", "16"))
 
 
-def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, n_quant: int,
-                     n_res: int, mode: str, bits_k: int, bits_v: int, group_size: int, key_axis: int,
-                     value_axis: int, scale: float, return_mass: bool):
-    B, H, NQ, D = q.shape
-    HKV = k_res.shape[1]
-    GQ = H // HKV
-    L = n_quant + n_res
-    dev = q.device
-    out = new_output((B, H, NQ, D), q.dtype, dev)
-    lse = new_output((B, H, NQ), torch.float32, dev)
-    mass = new_output((B, H, L if return_mass else 0), torch.float32, dev)
-    if L == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse, mass
-    fp8 = mode == "fp8"
-    if fp8:  # unused by the kernel; any pointer will do
-        k_zero, v_zero = k_scale, v_scale
-    interp = gpu_sm_count(dev) is None
+def _store_capacity(codes, scale, fp8: bool, bits: int, G: int, axis: int) -> int:
+    if fp8 or axis == -1:
+        return codes.shape[2]
+    return min(codes.shape[2] * 32 // bits, scale.shape[2] * G) // G * G
+
+
+def decode_grid(B: int, HKV: int, cap_q: int, cap_r: int, device) -> dict:
+    """The launch configuration of the split kernel for buffers of ``cap_q`` quantized and ``cap_r``
+    residual tokens: a function of (B, H_kv, capacities, device) only, never of the current lengths,
+    so that one captured CUDA graph replays across decode steps (splits past a row's tokens exit at
+    once; the merge skips empty splits).  Returns ``BN``, ``iters_q``/``qsplits`` (quantized store:
+    ``qsplits`` chunks of ``iters_q * BN`` tokens), ``iters_r``/``rsplits`` (residual window) and
+    ``grid = (B * H_kv, qsplits + rsplits)``."""
+    interp = gpu_sm_count(device) is None
     BN = 32 if interp else 64
-    BD = max(16, triton.next_power_of_2(D))
-    BM = max(16, triton.next_power_of_2(GQ * NQ))
-    dot = _DOT[q.dtype]
-    # ---- splits: the quantized store in chunks of whole BN blocks, the residual in chunks of 256 tokens
-    n_qblocks = triton.cdiv(n_quant, BN)
-    if n_quant:
-        want = max(1, triton.cdiv(_target_programs(dev), B * HKV))
+    n_qblocks = triton.cdiv(cap_q, BN)
+    if n_qblocks:
+        want = max(1, triton.cdiv(_target_programs(device), B * HKV))
         iters_q = triton.cdiv(n_qblocks, min(n_qblocks, want))
         qsplits = triton.cdiv(n_qblocks, iters_q)
     else:
         iters_q, qsplits = 1, 0
-    iters_r = max(1, min(triton.cdiv(n_res, BN), 256 // BN))
-    rsplits = triton.cdiv(n_res, iters_r * BN)
-    S = qsplits + rsplits
+    iters_r = max(1, min(triton.cdiv(cap_r, BN), 256 // BN))
+    rsplits = triton.cdiv(cap_r, iters_r * BN)
+    return dict(BN=BN, iters_q=iters_q, qsplits=qsplits, iters_r=iters_r, rsplits=rsplits,
+                grid=(B * HKV, max(1, qsplits + rsplits)))
+
+
+def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, n_quant, n_res,
+                     max_len: int, mode: str, bits_k: int, bits_v: int, group_size: int, key_axis: int,
+                     value_axis: int, scale: float, return_mass: bool):
+    B, H, NQ, D = q.shape
+    HKV = k_res.shape[1]
+    GQ = H // HKV
+    dev = q.device
+    out = new_output((B, H, NQ, D), q.dtype, dev)
+    lse = new_output((B, H, NQ), torch.float32, dev)
+    mass = new_output((B, H, max_len if return_mass else 0), torch.float32, dev)
+    fp8 = mode == "fp8"
+    if fp8:  # unused by the kernel; any pointer will do
+        k_zero, v_zero = k_scale, v_scale
+    cap_q = min(_store_capacity(k_codes, k_scale, fp8, bits_k, group_size, key_axis),
+                _store_capacity(v_codes, v_scale, fp8, bits_v, group_size, value_axis))
+    cap_r = k_res.shape[2]
+    cfg = decode_grid(B, HKV, cap_q, cap_r, dev)
+    BN = cfg["BN"]
+    interp = gpu_sm_count(dev) is None
+    BD = max(16, triton.next_power_of_2(D))
+    BM = max(16, triton.next_power_of_2(GQ * NQ))
+    dot = _DOT[q.dtype]
+    S = cfg["grid"][1]
     m_part = torch.empty((B, H, NQ, S), dtype=torch.float32, device=dev)
     l_part = torch.empty((B, H, NQ, S), dtype=torch.float32, device=dev)
     acc_part = torch.empty((B, H, NQ, S, D), dtype=torch.float32, device=dev)
@@ -266,25 +290,28 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_re
     v_wd = D * bits_v // 32 if not fp8 else D
     qk_scale = scale * _LOG2E.value
     common = dict(FP8=fp8, G=group_size, DOT_DTYPE=dot, BN=BN, BD=BD, NATIVE_FP8=not fp8 or native_fp8())
-    _decode_partial_kernel[(B * HKV, S)](
+    _decode_partial_kernel[cfg["grid"]](
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, m_part, l_part, acc_part,
-        n_quant, n_res, L, NQ, GQ, HKV, H, qk_scale,
+        n_quant, n_res, cap_q, cap_r, NQ, GQ, HKV, H, qk_scale,
         k_codes.stride(1), k_scale.stride(1), v_codes.stride(1), v_scale.stride(1),
         k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
-        D, k_wd, D // group_size, v_wd, D // group_size, qsplits, iters_q, iters_r, S,
+        D, k_wd, D // group_size, v_wd, D // group_size, cfg["qsplits"], cfg["iters_q"], cfg["iters_r"], S,
         BITS_K=bits_k, BITS_V=bits_v, K_AXIS=key_axis, V_AXIS=value_axis, BM=BM,
         # 8 warps: two dequantized (BN, BD) fp32 tiles live at once; with 4 warps the kernel sits at
         # 255 registers and spills on sm_80 (benchmarks/kernel_check.py)
         num_warps=4 if interp else 8, **common)
     _merge_kernel[(B * H * NQ,)](m_part, l_part, acc_part, out, lse, S, D,
                                  BS=max(2, triton.next_power_of_2(S)), BD=BD)
-    if return_mass:
-        n_rblocks = triton.cdiv(n_res, BN)
-        _mass_kernel[(B * HKV, n_qblocks + n_rblocks)](
-            q, k_codes, k_scale, k_zero, k_res, lse, mass, n_quant, n_res, L, NQ, GQ, HKV, H, qk_scale,
-            k_codes.stride(1), k_scale.stride(1), k_res.stride(1), k_res.stride(2), D, k_wd, D // group_size,
-            n_qblocks, BITS_K=bits_k, K_AXIS=key_axis, BQ=max(16, triton.next_power_of_2(NQ)), **common)
+    if return_mass and max_len:
+        mass.zero_()  # entries past a row's length stay 0
+        n_qblocks = triton.cdiv(cap_q, BN)
+        n_rblocks = triton.cdiv(cap_r, BN)
+        _mass_kernel[(B * HKV, max(1, n_qblocks + n_rblocks))](
+            q, k_codes, k_scale, k_zero, k_res, lse, mass, n_quant, n_res, cap_q, cap_r, max_len, NQ, GQ, HKV, H,
+            qk_scale, k_codes.stride(1), k_scale.stride(1), k_res.stride(1), k_res.stride(2), D, k_wd,
+            D // group_size, n_qblocks, BITS_K=bits_k, K_AXIS=key_axis, BQ=max(16, triton.next_power_of_2(NQ)),
+            **common)
     return out, lse, mass
 
 
-__all__ = ["decode_attention"]
+__all__ = ["decode_attention", "decode_grid"]

@@ -45,7 +45,9 @@ struct DecodeParams {
   float* m_part;
   float* l_part;
   float* acc_part;
-  int64_t n_quant, n_res, L;
+  const int32_t* n_quant;  // (B,) per-row lengths (device): quantized tokens, then residual tokens
+  const int32_t* n_res;
+  int64_t cap_q, cap_r, max_len;  // buffer capacities (tokens); mass row stride
   int NQ, GQ, HKV, H, G, fp8, n_qsplits, S;
   int64_t chunk_q, chunk_r;
   float qk_scale;  // scale * log2(e)
@@ -105,6 +107,9 @@ __global__ void __launch_bounds__(kThreads) decode_partial_kernel(DecodeParams p
   const int split = blockIdx.y;
   const int r0 = blockIdx.z * kRows;
   const int64_t b = bh / p.HKV, hk = bh % p.HKV;
+  const int64_t n_quant = min(static_cast<int64_t>(p.n_quant[b]), p.cap_q);  // clamped to the buffers
+  const int64_t n_res = min(static_cast<int64_t>(p.n_res[b]), p.cap_r);
+  const int64_t L = n_quant + n_res;
   const int rows = p.GQ * p.NQ;
   const int tid = threadIdx.x;
   const T* q = static_cast<const T*>(p.q);
@@ -132,8 +137,8 @@ __global__ void __launch_bounds__(kThreads) decode_partial_kernel(DecodeParams p
 
   const bool quant = split < p.n_qsplits;
   const int64_t start = quant ? split * p.chunk_q : (split - p.n_qsplits) * p.chunk_r;
-  const int64_t end = quant ? min(start + p.chunk_q, p.n_quant) : min(start + p.chunk_r, p.n_res);
-  const int64_t pos0 = quant ? 0 : p.n_quant;
+  const int64_t end = quant ? min(start + p.chunk_q, n_quant) : min(start + p.chunk_r, n_res);
+  const int64_t pos0 = quant ? 0 : n_quant;
   const T* kr = static_cast<const T*>(p.k_res);
   const T* vr = static_cast<const T*>(p.v_res);
   __syncthreads();
@@ -160,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) decode_partial_kernel(DecodeParams p
       const int r = e / TT, t = e % TT, rr = r0 + r;
       const int64_t tok = t0 + t;
       float s = -INFINITY;
-      if (rr < rows && tok < end && pos0 + tok <= p.L - p.NQ + rr % p.NQ) {
+      if (rr < rows && tok < end && pos0 + tok <= L - p.NQ + rr % p.NQ) {
         float a = 0.f;
 #pragma unroll 8
         for (int d = 0; d < D; ++d) a += qs[r * DP + d] * ks[t * DP + d];
@@ -254,10 +259,14 @@ __global__ void __launch_bounds__(kThreads) decode_mass_kernel(DecodeParams p, c
   __shared__ float ps[8 * TM];
   const int64_t bh = blockIdx.x, blk = blockIdx.y;
   const int64_t b = bh / p.HKV, hk = bh % p.HKV;
+  const int64_t n_quant = min(static_cast<int64_t>(p.n_quant[b]), p.cap_q);
+  const int64_t n_res = min(static_cast<int64_t>(p.n_res[b]), p.cap_r);
+  const int64_t L = n_quant + n_res;
   const bool quant = blk < n_qblocks;
   const int64_t t0 = quant ? blk * TM : (blk - n_qblocks) * TM;
-  const int64_t end = quant ? p.n_quant : p.n_res;
-  const int64_t pos0 = quant ? 0 : p.n_quant;
+  const int64_t end = min(quant ? n_quant : n_res, p.max_len - (quant ? 0 : n_quant));
+  const int64_t pos0 = quant ? 0 : n_quant;
+  if (t0 >= end) return;  // a block past this row's tokens (the grid is sized by the capacity)
   const int tid = threadIdx.x;
   const T* q = static_cast<const T*>(p.q);
   const T* kr = static_cast<const T*>(p.k_res);
@@ -281,7 +290,7 @@ __global__ void __launch_bounds__(kThreads) decode_mass_kernel(DecodeParams p, c
       const int qi = e / TM, t = e % TM;
       const int64_t tok = t0 + t;
       float pr = 0.f;
-      if (tok < end && pos0 + tok <= p.L - p.NQ + qi) {
+      if (tok < end && pos0 + tok <= L - p.NQ + qi) {
         float a = 0.f;
 #pragma unroll 8
         for (int d = 0; d < D; ++d) a += qs[qi * DP + d] * ks[t * DP + d];
@@ -295,15 +304,17 @@ __global__ void __launch_bounds__(kThreads) decode_mass_kernel(DecodeParams p, c
       if (tok >= end) continue;
       float sum = 0.f;
       for (int qi = 0; qi < p.NQ; ++qi) sum += ps[qi * TM + t];
-      mass[(b * p.H + h) * p.L + pos0 + tok] = sum;
+      mass[(b * p.H + h) * p.max_len + pos0 + tok] = sum;
     }
   }
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-void check_store(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const char* side,
-                 bool fp8, int64_t bits, int64_t G, int64_t axis, int64_t B, int64_t HKV, int64_t D, int64_t n) {
+// Checks one quantized store and returns its capacity in tokens (from the shapes: the per-row lengths
+// live on the device and are clamped to this capacity in the kernels; no host read of them).
+int64_t check_store(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const char* side,
+                    bool fp8, int64_t bits, int64_t G, int64_t axis, int64_t B, int64_t HKV, int64_t D) {
   TOKOPS_CHECK_CUDA(codes);
   TOKOPS_CHECK_CUDA(scale);
   TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous(), side, "_codes / ", side, "_scale must be contiguous");
@@ -312,11 +323,10 @@ void check_store(const at::Tensor& codes, const at::Tensor& scale, const at::Ten
   if (fp8) {
     TOKOPS_CHECK_DTYPE(codes, at::kByte);
     TOKOPS_CHECK_DTYPE(scale, at::kFloat);
-    TORCH_CHECK(codes.size(2) >= n && codes.size(3) == D, side, "_codes has shape ", codes.sizes(),
-                ", too small for ", n, " fp8 tokens of head dim ", D);
-    TORCH_CHECK(scale.dim() == 3 && scale.size(0) == B && scale.size(1) == HKV && scale.size(2) >= n, side,
-                "_scale has shape ", scale.sizes());
-    return;
+    TORCH_CHECK(codes.size(3) == D, side, "_codes has shape ", codes.sizes(), ", not fp8 tokens of head dim ", D);
+    TORCH_CHECK(scale.dim() == 3 && scale.size(0) == B && scale.size(1) == HKV, side, "_scale has shape ",
+                scale.sizes());
+    return std::min(codes.size(2), scale.size(2));
   }
   TOKOPS_CHECK_DTYPE(codes, at::kInt);
   TOKOPS_CHECK_DTYPE(scale, at::kHalf);
@@ -328,16 +338,17 @@ void check_store(const at::Tensor& codes, const at::Tensor& scale, const at::Ten
   TORCH_CHECK(axis == -1 || axis == -2, side, " axis must be -1 or -2, got ", axis);
   TORCH_CHECK(scale.dim() == 4 && scale.size(0) == B && scale.size(1) == HKV, side, "_scale has shape ", scale.sizes());
   if (axis == -2) {
-    TORCH_CHECK(n % G == 0, "n_quant must be a multiple of group_size for axis=-2, got ", n);
-    TORCH_CHECK(codes.size(3) == D && codes.size(2) * (32 / bits) >= n, side, "_codes has shape ", codes.sizes(),
-                ", too small for ", n, " tokens");
-    TORCH_CHECK(scale.size(3) == D && scale.size(2) * G >= n, side, "_scale has shape ", scale.sizes());
-  } else {
-    TORCH_CHECK(D % G == 0 && (D * bits) % 32 == 0, "group_size must divide D for axis=-1");
-    TORCH_CHECK(codes.size(2) >= n && codes.size(3) == D * bits / 32, side, "_codes has shape ", codes.sizes(),
-                ", too small for ", n, " tokens");
-    TORCH_CHECK(scale.size(2) >= n && scale.size(3) == D / G, side, "_scale has shape ", scale.sizes());
+    TORCH_CHECK((G * bits) % 32 == 0, "group_size * bits must be a multiple of 32 for axis=-2");
+    TORCH_CHECK(codes.size(3) == D, side, "_codes has shape ", codes.sizes(), ", expected head dim ", D);
+    TORCH_CHECK(scale.size(3) == D, side, "_scale has shape ", scale.sizes(), ", expected head dim ", D);
+    return std::min(codes.size(2) * (32 / bits), scale.size(2) * G) / G * G;
   }
+  TORCH_CHECK(D % G == 0 && (D * bits) % 32 == 0, "group_size must divide D for axis=-1");
+  TORCH_CHECK(codes.size(3) == D * bits / 32, side, "_codes has shape ", codes.sizes(), ", expected ", D * bits / 32,
+              " words per token");
+  TORCH_CHECK(scale.size(3) == D / G, side, "_scale has shape ", scale.sizes(), ", expected ", D / G,
+              " groups per token");
+  return std::min(codes.size(2), scale.size(2));
 }
 
 template <typename T, int D>
@@ -349,9 +360,9 @@ void launch(const DecodeParams& p, int64_t B, int64_t H, int64_t rchunks, const 
   TOKOPS_LAUNCH(B * H * p.NQ, D < 256 ? D : 256, 0, stream, decode_merge_kernel<T>)(
       p.m_part, p.l_part, p.acc_part, out.data_ptr<T>(), lse.data_ptr<float>(), p.S, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (return_mass) {
+  if (return_mass && p.max_len > 0 && p.cap_q + p.cap_r > 0) {
     constexpr int TM = MassTile<D>::TM;
-    const int64_t nqb = cdiv(p.n_quant, TM), nrb = cdiv(p.n_res, TM);
+    const int64_t nqb = cdiv(p.cap_q, TM), nrb = cdiv(p.cap_r, TM);
     TOKOPS_LAUNCH(dim3(B * p.HKV, nqb + nrb), kThreads, 0, stream, decode_mass_kernel<T, D>)(p, lse.data_ptr<float>(),
                                                                                     mass.data_ptr<float>(), nqb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -361,8 +372,9 @@ void launch(const DecodeParams& p, int64_t B, int64_t H, int64_t rchunks, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_decode_attention_cuda(
     const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_scale, const at::Tensor& k_zero,
     const at::Tensor& v_codes, const at::Tensor& v_scale, const at::Tensor& v_zero, const at::Tensor& k_res,
-    const at::Tensor& v_res, int64_t n_quant, int64_t n_res, c10::string_view mode, int64_t bits_k, int64_t bits_v,
-    int64_t group_size, int64_t key_axis, int64_t value_axis, double scale, bool return_mass) {
+    const at::Tensor& v_res, const at::Tensor& n_quant, const at::Tensor& n_res, int64_t max_len,
+    c10::string_view mode, int64_t bits_k, int64_t bits_v, int64_t group_size, int64_t key_axis, int64_t value_axis,
+    double scale, bool return_mass) {
   TOKOPS_CHECK_CUDA(q);
   TOKOPS_CHECK_CONTIG(q);
   TORCH_CHECK(q.dim() == 4, "q must have 4 dims (B, H, nq, D), got ", q.sizes());
@@ -372,46 +384,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_decode_attention_cuda(
               "256; got D=", D);
   TORCH_CHECK(mode == "int" || mode == "fp8", "mode must be 'int' or 'fp8'");
   const bool fp8 = mode == "fp8";
+  for (const at::Tensor* n : {&n_quant, &n_res}) {
+    TOKOPS_CHECK_CUDA((*n));
+    TORCH_CHECK(n->scalar_type() == at::kInt && n->dim() == 1 && n->size(0) == B && n->is_contiguous(),
+                "n_quant / n_res must be contiguous int32 tensors of shape (B,) = (", B, ",), got ", n->sizes(), " ",
+                n->scalar_type());
+  }
+  TORCH_CHECK(max_len >= 0, "max_len must be >= 0, got ", max_len);
   TOKOPS_CHECK_CUDA(k_res);
   TOKOPS_CHECK_CUDA(v_res);
   TOKOPS_CHECK_CONTIG(k_res);
   TOKOPS_CHECK_CONTIG(v_res);
   TORCH_CHECK(k_res.scalar_type() == q.scalar_type() && v_res.scalar_type() == q.scalar_type(),
               "k_res / v_res must have q's dtype ", q.scalar_type());
-  TORCH_CHECK(k_res.dim() == 4 && k_res.sizes() == v_res.sizes() && k_res.size(0) == B && k_res.size(3) == D &&
-                  k_res.size(2) >= n_res, "k_res / v_res must have shape (B, H_kv, >= n_res, D), got ", k_res.sizes());
+  TORCH_CHECK(k_res.dim() == 4 && k_res.sizes() == v_res.sizes() && k_res.size(0) == B && k_res.size(3) == D,
+              "k_res / v_res must have shape (B, H_kv, R, D), got ", k_res.sizes());
   const int64_t HKV = k_res.size(1);
   TORCH_CHECK(HKV > 0 && H % HKV == 0, "q heads (", H, ") must be a multiple of the kv heads (", HKV, ")");
-  TORCH_CHECK(n_quant >= 0 && n_res >= 0, "n_quant and n_res must be >= 0");
   TORCH_CHECK(group_size >= 4 && group_size <= 1024 && (group_size & (group_size - 1)) == 0,
               "group_size must be a power of two in [4, 1024], got ", group_size);
-  check_store(k_codes, k_scale, k_zero, "k", fp8, bits_k, group_size, key_axis, B, HKV, D, n_quant);
-  check_store(v_codes, v_scale, v_zero, "v", fp8, bits_v, group_size, value_axis, B, HKV, D, n_quant);
+  const int64_t cap_q = std::min(check_store(k_codes, k_scale, k_zero, "k", fp8, bits_k, group_size, key_axis, B, HKV, D),
+                                 check_store(v_codes, v_scale, v_zero, "v", fp8, bits_v, group_size, value_axis, B, HKV, D));
+  const int64_t cap_r = k_res.size(2);
   const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t L = n_quant + n_res;
   auto out = new_output(q.sizes(), q.options());
   auto lse = new_output({B, H, NQ}, q.options().dtype(at::kFloat));
-  auto mass = new_output({B, H, return_mass ? L : 0}, q.options().dtype(at::kFloat));
-  if (L == 0) {
-    out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse, mass};
-  }
+  auto mass = new_output({B, H, return_mass ? max_len : 0}, q.options().dtype(at::kFloat));
+  if (return_mass) mass.zero_();  // entries past a row's length stay 0
   const int64_t GQ = H / HKV;
   const int64_t rchunks = cdiv(GQ * NQ, kRows);
+  // the grid depends on (B, H_kv, capacities) only, never on the current lengths (CUDA graph replay)
   const int TT = int(2048 / D);
-  const int64_t n_tiles = cdiv(n_quant, TT);
+  const int64_t n_tiles = cdiv(cap_q, TT);
   int64_t qsplits = 0, chunk_q = TT;
-  if (n_quant) {
+  if (cap_q) {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     const int64_t want = std::max<int64_t>(1, cdiv(2 * sms, B * HKV * rchunks));
     const int64_t per = cdiv(n_tiles, std::min(n_tiles, want));
     chunk_q = per * TT;
-    qsplits = cdiv(n_quant, chunk_q);
+    qsplits = cdiv(cap_q, chunk_q);
   }
   const int64_t chunk_r = 256;
-  const int64_t rsplits = cdiv(n_res, chunk_r);
-  const int64_t S = qsplits + rsplits;
+  const int64_t rsplits = cdiv(cap_r, chunk_r);
+  const int64_t S = std::max<int64_t>(1, qsplits + rsplits);
   TORCH_CHECK(S < 65536, "too many splits (", S, ")");
   auto fopt = q.options().dtype(at::kFloat);
   auto m_part = at::empty({B * H * NQ * S}, fopt);
@@ -444,9 +459,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_decode_attention_cuda(
   p.m_part = m_part.data_ptr<float>();
   p.l_part = l_part.data_ptr<float>();
   p.acc_part = acc_part.data_ptr<float>();
-  p.n_quant = n_quant;
-  p.n_res = n_res;
-  p.L = L;
+  p.n_quant = n_quant.data_ptr<int32_t>();
+  p.n_res = n_res.data_ptr<int32_t>();
+  p.cap_q = cap_q;
+  p.cap_r = cap_r;
+  p.max_len = max_len;
   p.NQ = int(NQ);
   p.GQ = int(GQ);
   p.HKV = int(HKV);
@@ -474,7 +491,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_decode_attention_cuda(
 
 TORCH_LIBRARY_FRAGMENT(tokops, m) {
   m.def("kv_decode_attention_cuda(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "
-        "Tensor v_scale, Tensor v_zero, Tensor k_res, Tensor v_res, int n_quant, int n_res, str mode, int bits_k, "
+        "Tensor v_scale, Tensor v_zero, Tensor k_res, Tensor v_res, Tensor n_quant, Tensor n_res, int max_len, "
+        "str mode, int bits_k, "
         "int bits_v, int group_size, int key_axis, int value_axis, float scale, bool return_mass) "
         "-> (Tensor, Tensor, Tensor)");
 }
