@@ -341,3 +341,180 @@ def test_append_no_host_sync(ragged, dtype):
                 c.accumulate_mass(torch.rand(3, 4, len(c), generator=g))
         c.check()
         assert c.is_uniform == (not ragged)
+
+
+# --------------------------------------------------------------------------- decode over ragged rows
+from tokops.kv import decode_attention, decode_attention_reference  # noqa: E402
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[2], CONFIGS[4]], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("nq", [1, 3])
+def test_decode_ragged_equals_rows_alone(backend_device, cfg, nq):
+    """decode_attention over a ragged cache == decode of each row alone in its uniform cache (same
+    backend), and both match the float64 reference of the row; the mass is 0 past a row's length."""
+    backend, device = backend_device
+    B, H, Hq, D, R = 3, 2, 4, 16, 5
+    g = torch.Generator().manual_seed(nq)
+    rag = QuantizedKVCache(**_cfg_kwargs(cfg, R))
+    unis = [QuantizedKVCache(**_cfg_kwargs(cfg, R)) for _ in range(B)]
+    for T in (21, 4, nq, nq):
+        k, v = _rand_kv(g, B, H, T, D)
+        lens = [T, max(nq, T // 3), int(torch.randint(nq, T + 1, (1,), generator=g))]
+        _append_ragged(rag, unis, k.to(device), v.to(device), lens)
+    q = (torch.randn(B, Hq, nq, D, generator=g) * 1.2).to(device)
+    out, mass, lse = decode_attention(q, rag, return_mass=True, return_lse=True, backend=backend)
+    o64, lse64, m64 = decode_attention_reference(q, rag)
+    L = rag.lengths().tolist()
+    assert mass.shape == (B, Hq, len(rag))
+    for b, u in enumerate(unis):
+        ou, mu, lu = decode_attention(q[b:b + 1], u, return_mass=True, return_lse=True, backend=backend)
+        torch.testing.assert_close(out[b:b + 1], ou, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse[b:b + 1], lu, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(mass[b:b + 1, :, :L[b]], mu, atol=2e-5, rtol=2e-5)
+        assert (mass[b, :, L[b]:] == 0).all()
+        u64 = decode_attention_reference(q[b:b + 1], u)
+        torch.testing.assert_close(o64[b:b + 1], u64[0])
+    torch.testing.assert_close(out.double().cpu(), o64.cpu(), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(mass.double().cpu(), m64.cpu(), atol=2e-5, rtol=2e-5)
+
+
+def _decode_step_factory(cache):
+    def step(k, v, q, lengths):
+        cache.append(k, v, lengths=lengths)
+        out, mass = decode_attention(q, cache, return_mass=True, backend="torch")
+        return out, mass
+    return step
+
+
+def _prefilled(ragged, budget=None, capacity=0):
+    kw = dict(bits_k=4, bits_v=4, group_size=8, residual=4, key_axis=-1, value_axis=-1, budget=budget,
+              capacity=capacity, checks="deferred")
+    c = QuantizedKVCache(**kw)
+    g = torch.Generator().manual_seed(3)
+    k, v = _rand_kv(g, 3, 2, 19, 16)
+    c.append(k, v, lengths=torch.tensor([19, 6, 11]) if ragged else None)
+    return c
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_decode_step_no_host_sync(ragged):
+    """A full decode step (append one token per row + decode_attention with the mass + accumulate_mass)
+    on CPU tensors makes no host sync, uniform or ragged, fp32 (checks='deferred')."""
+    c = _prefilled(ragged, budget=24)
+    step = _decode_step_factory(c)
+    g = torch.Generator().manual_seed(4)
+    for i in range(12):
+        k, v = _rand_kv(g, 3, 2, 1, 16)
+        q = torch.randn(3, 4, 1, 16, generator=g)
+        lens = torch.tensor([1, i % 2, 1]) if ragged else None
+        with no_host_sync():
+            out, mass = step(k, v, q, lens)
+            c.accumulate_mass(mass)
+    c.check()
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_decode_step_compiles_fullgraph(ragged):
+    """torch.compile(fullgraph=True) over a whole decode step (append one token per row +
+    decode_attention): no graph break; same result as eager on a twin cache."""
+    c_eager, c_comp = _prefilled(ragged), _prefilled(ragged)
+    eager, comp = _decode_step_factory(c_eager), torch.compile(_decode_step_factory(c_comp), fullgraph=True,
+                                                                 backend="aot_eager", dynamic=False)
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    for i in range(3):
+        k, v = _rand_kv(g, 3, 2, 1, 16)
+        q = torch.randn(3, 4, 1, 16, generator=g)
+        lens = torch.tensor([1, i % 2, 1]) if ragged else None
+        oe, me = eager(k, v, q, lens)
+        oc, mc = comp(k, v, q, lens)
+        torch.testing.assert_close(oc, oe)
+        torch.testing.assert_close(mc, me)
+    for x, y in zip((*c_eager.dequantized(), c_eager.positions()), (*c_comp.dequantized(), c_comp.positions())):
+        assert torch.equal(x, y)
+    assert torch.equal(c_eager.lengths(), c_comp.lengths())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("ragged", [False, True])
+def test_decode_step_cuda_graph_replay(ragged):
+    """append + decode captured once in a CUDA graph and replayed for 16 steps == eager on a twin
+    cache.  Capture-safe: static=True freezes the host bounds at the capacity, every update is in
+    place on pre-allocated buffers, and only the device counts move between replays."""
+    dev = "cuda"
+    kw = dict(bits_k=4, bits_v=4, group_size=16, residual=16, key_axis=-2, value_axis=-1, capacity=256,
+              static=True)
+    g = torch.Generator().manual_seed(0)
+    k0, v0 = (t.to(dev) for t in _rand_kv(g, 2, 2, 40, 64, torch.float16))
+    lens0 = torch.tensor([40, 23], device=dev) if ragged else None
+    steps = [(*(t.to(dev) for t in _rand_kv(g, 2, 2, 1, 64, torch.float16)),
+              torch.randn(2, 4, 1, 64, generator=g).half().to(dev)) for _ in range(16)]
+    step_lens = [torch.tensor([1, int(i % 3 != 0)], device=dev) if ragged else None for i in range(16)]
+    backend = "triton"
+    eager_cache, graph_cache, warm = (QuantizedKVCache(**kw) for _ in range(3))
+    for c in (eager_cache, graph_cache, warm):
+        c.append(k0, v0, lengths=lens0)
+    eager = []
+    for (k, v, q), lens in zip(steps, step_lens):
+        eager_cache.append(k, v, lengths=lens)
+        eager.append(decode_attention(q, eager_cache, backend=backend).clone())
+    sk, sv, sq = (torch.zeros_like(t) for t in steps[0])
+    sl = torch.ones(2, dtype=torch.int64, device=dev) if ragged else None
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up (Triton compile, allocator) on a throwaway twin
+        for _ in range(2):
+            warm.append(sk, sv, lengths=sl)
+            decode_attention(sq, warm, backend=backend)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # recorded, not run: graph_cache's device state is still the prefill
+        graph_cache.append(sk, sv, lengths=sl)
+        sout = decode_attention(sq, graph_cache, backend=backend)
+    got = []
+    for (k, v, q), lens in zip(steps, step_lens):
+        sk.copy_(k), sv.copy_(v), sq.copy_(q)
+        if ragged:
+            sl.copy_(lens)
+        graph.replay()
+        got.append(sout.clone())
+    torch.cuda.synchronize()
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(graph_cache.lengths(), eager_cache.lengths())
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_static_cache_fixed_shapes_equal_dynamic(ragged):
+    """static=True (what the CUDA-graph test captures): host bounds, buffer shapes and the decode
+    mass width never change over the decode steps, and the cache equals a dynamic twin row by row."""
+    kw = dict(bits_k=4, bits_v=4, group_size=8, residual=8, key_axis=-2, value_axis=-1)
+    st_c, dyn = QuantizedKVCache(**kw, capacity=96, static=True), QuantizedKVCache(**kw)
+    g = torch.Generator().manual_seed(0)
+    k0, v0 = _rand_kv(g, 2, 2, 30, 16)
+    lens0 = torch.tensor([30, 13]) if ragged else torch.tensor([30, 30])
+    for c in (st_c, dyn):
+        c.append(k0, v0, lengths=lens0)
+    shapes = None
+    for i in range(24):
+        k, v = _rand_kv(g, 2, 2, 1, 16)
+        lens = torch.tensor([1, int(i % 3 != 0)]) if ragged else None
+        st_c.append(k, v, lengths=lens)
+        dyn.append(k, v, lengths=lens if ragged else torch.tensor([1, 1]))
+        q = torch.randn(2, 4, 1, 16, generator=g)
+        o_s, m_s = decode_attention(q, st_c, return_mass=True, backend="torch")
+        o_d = decode_attention(q, dyn, backend="torch")
+        torch.testing.assert_close(o_s, o_d, atol=1e-6, rtol=1e-5)  # another mass width: summation order
+        now = (len(st_c), st_c.n_quant, st_c.n_res, m_s.shape, *(t.shape for t in st_c.tensors().values()))
+        assert shapes is None or now == shapes
+        shapes = now
+    L = dyn.lengths()
+    ks, vs = st_c.dequantized()
+    kd, vd = dyn.dequantized()
+    assert torch.equal(st_c.lengths(), L)
+    for b in range(2):
+        assert torch.equal(ks[b, :, :int(L[b])], kd[b, :, :int(L[b])])
+    with pytest.raises(ValueError, match="capacity"):
+        QuantizedKVCache(static=True)

@@ -129,7 +129,7 @@ class QuantizedKVCache:
 
     def __init__(self, bits_k: int = 4, bits_v: int = 4, group_size: int = 32, residual: int = 128,
                  mode: str = "int", key_axis: int = -2, value_axis: int = -1, *, capacity: int = 0,
-                 budget: int | None = None, backend: str = "auto", checks: str = "auto"):
+                 budget: int | None = None, backend: str = "auto", checks: str = "auto", static: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         check_power_of_two("group_size", group_size, MIN_GROUP, MAX_GROUP)
@@ -159,6 +159,10 @@ class QuantizedKVCache:
             raise ValueError(f"backend must be one of {reg.BACKENDS}; got {backend!r}")
         if not isinstance(checks, str) or checks not in CHECKS:
             raise ValueError(f"checks must be one of {CHECKS}; got {checks!r}")
+        if not isinstance(static, bool):
+            raise TypeError(f"static must be a bool, got {type(static).__name__}")
+        if static and capacity == 0:
+            raise ValueError("static=True needs capacity= (the most tokens any row will hold)")
         self.mode, self.bits_k, self.bits_v, self.group_size = mode, bits_k, bits_v, group_size
         self.residual, self.key_axis, self.value_axis = residual, key_axis, value_axis
         self.budget, self.backend, self._init_capacity, self.checks = budget, backend, capacity, checks
@@ -170,12 +174,17 @@ class QuantizedKVCache:
         self._next_pos = 0  # tokens appended per row (positions [0, _next_pos))
         self._hev = 0  # evicted tokens per row (exact mode only)
         self._shape = None  # (B, H_kv, D), dtype, device after the first append
+        self.static = static
+        if static:  # host bounds frozen at the capacity: shapes never change, a CUDA graph can replay a step
+            self._exact = False
+            self._hq = _ceil_to(capacity, group_size)
+            self._hr = residual + group_size - 1
 
     # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
         """Cached tokens per row (exact for a uniform cache; for a ragged one an upper bound over the
         rows: the width of :meth:`positions`, :meth:`dequantized` and of the decode mass)."""
-        if self._exact:
+        if self._exact or self.static:
             return self._hq + self._hr
         return min(self._next_pos, self._hq + self._hr)
 
@@ -304,7 +313,7 @@ class QuantizedKVCache:
         """Quantized store capacity >= ``need`` tokens (doubling; everything is copied, the codes as they are)."""
         if need <= self._qcap:
             return
-        cap = _ceil_to(max(need, 2 * self._qcap, 2 * self.group_size), self.group_size)
+        cap = _ceil_to(need if self.static else max(need, 2 * self._qcap, 2 * self.group_size), self.group_size)
         new = self._alloc_store(cap)
         for name, old in self._store.items():
             new[name].narrow(2, 0, old.shape[2]).copy_(old)
@@ -367,6 +376,9 @@ class QuantizedKVCache:
                 raise ValueError(f"k must be on the cache's device {self._device}, got {k.device}")
         cache_dev = self._device if self.initialized else k.device
         if important is not None:
+            if self.static:
+                raise ValueError("important (pinned tokens) is not supported with static=True (the residual "
+                                 "window's size is fixed there)")
             check_tensor("important", important, dtypes=(torch.bool,), nonempty=False, contiguous=False)
             if important.device not in (cache_dev, torch.device("cpu")):
                 raise ValueError(f"important must be on the cache's device ({cache_dev}) or the CPU, "
@@ -554,6 +566,8 @@ class QuantizedKVCache:
             self._n_pinned += new_pin_bound
             self._hr = min(S, R + G - 1 + self._n_pinned)
             self._hq = min(self._hq, G * (max(0, self._next_pos - R) // G))
+            if self.static:
+                self._hq, self._hr = _ceil_to(self._init_capacity, G), R + G - 1
         # ---- 5. H2O eviction
         if self.budget is not None and self._hq + self._hr > self.budget:
             if exact:
@@ -682,7 +696,8 @@ class QuantizedKVCache:
         self._q_score[..., :Q].copy_(self._q_score[..., :Q].gather(2, src))
         self._nev += nq - keep
         self._nq.copy_(keep)
-        self._hq = min(self._hq, self.budget)
+        if not self.static:
+            self._hq = min(self._hq, self.budget)
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep / reorder / repeat batch rows: row ``i`` of the result is row ``index[i]`` (beam search).
@@ -878,6 +893,8 @@ class QuantizedKVCache:
         self._n_pinned = max(r._n_pinned for r in rows)
         self._next_pos = max(r._next_pos for r in rows)
         self._exact = False
+        if self.static:
+            self._hq, self._hr = _ceil_to(self._init_capacity, self.group_size), self.residual + self.group_size - 1
 
     # ------------------------------------------------------------------ views for the kernels
     def tensors(self) -> dict:

@@ -154,7 +154,8 @@ def decode_attention_reference(q: torch.Tensor, cache: QuantizedKVCache, *, scal
         return (torch.zeros(B, H, nq, D, dtype=torch.float64), torch.full((B, H, nq), float("-inf"),
                 dtype=torch.float64), torch.zeros(B, H, 0, dtype=torch.float64))
     k, v = cache.dequantized(torch.float64)
-    return dense_decode(q.double().to(k.device), k, v, scale)
+    lengths = None if cache.is_uniform else cache.lengths()  # ragged rows: each row over its own tokens
+    return dense_decode(q.double().to(k.device), k, v, scale, lengths=lengths)
 
 
 # --------------------------------------------------------------------------- checks
