@@ -54,9 +54,9 @@ per-token bool mask ``(T,)`` (shared by the batch and heads) or ``(B, T)`` (per 
 tokens: they never leave the full-precision residual (so they are kept at full precision, not at a
 higher bit width).  The quantized store then holds the unpinned tokens in order, the residual holds
 the pinned tokens and the recent window in order; :meth:`positions` maps store order to token
-positions (each row counts its own positions from 0).  A ``(T,)`` mask on the CPU keeps the host
-counts exact; a mask on the device (or per row) makes them upper bounds (the pin counts are not
-read back).
+positions (each row counts its own positions from 0).  A ``(T,)`` mask keeps the host counts of a
+uniform cache exact (its count is read on the host: free for a CPU mask, one sync for a mask on
+the GPU); a ``(B, T)`` mask makes the cache ragged (the pin counts stay on the device, no sync).
 
 **H2O eviction** (``budget=``): :meth:`accumulate_mass` adds the per-key attention mass returned by
 ``decode_attention(..., return_mass=True)`` (summed over the query heads of each kv head) to a
@@ -457,8 +457,10 @@ class QuantizedKVCache:
         pin_host = None  # exact pinned count of the new tokens (same for every row), if known
         pin = None  # (B, T) bool on the device
         if important is not None:
-            if important.dim() == 1 and important.device.type == "cpu":
-                pin_host = int(important.sum())  # a CPU tensor: no device sync
+            if important.dim() == 1 and (lengths is None or important.device.type == "cpu"):
+                # a CPU mask costs no device sync; a (T,) mask on the device costs one (the uniform
+                # cache keeps exact host counts: pass the mask on the CPU, or per row, to avoid it)
+                pin_host = int(important.sum())
             pin = important.to(dev)
             pin = pin.expand(B, T) if pin.dim() == 1 else pin
         if lengths is not None:
