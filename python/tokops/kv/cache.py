@@ -49,6 +49,13 @@ once every ``G`` steps) and the residual window is compacted with a gather of ``
 ``lengths=None`` runs the uniform path: bit-identical results and layout, and with no pinned
 tokens only the ``T`` new tokens are written per step (plus one quantize call per full group).
 
+**CUDA graphs** (``static=True``, needs ``capacity=``): the host bounds are frozen at
+``n_quant = capacity`` and ``n_res = R + G - 1``, so every append of ``T`` tokens and every decode
+step has the same shapes whatever the rows hold, all updates are in place on buffers allocated by
+the first (prefill) append, and a step captured once replays with only the device counts moving.
+Every row must fit the capacity (not checked: that would be a sync); pinned tokens are refused (the
+window's size is fixed); each step reads the whole capacity (like a static cache in transformers).
+
 **Mixed precision (ZipVL-style), the choice made here:** ``append(k, v, important=mask)`` with a
 per-token bool mask ``(T,)`` (shared by the batch and heads) or ``(B, T)`` (per row) *pins* those
 tokens: they never leave the full-precision residual (so they are kept at full precision, not at a
@@ -124,7 +131,9 @@ class QuantizedKVCache:
     ``append(k, v)`` with ``k, v: (B, H_kv, T, D)`` (fp16/bf16/fp32, any ``T >= 0``: prefill chunks
     or single decode steps; ``lengths=`` for ragged rows); ``len(cache)`` is the number of cached
     tokens (an upper bound over the rows of a ragged cache); ``tokops.kv.decode_attention(q, cache)``
-    attends over them.
+    attends over them.  ``capacity``: tokens pre-allocated per row; ``budget``: H2O eviction;
+    ``checks``: when the value checks raise (``"auto"``/``"immediate"``/``"deferred"``); ``static``:
+    fixed shapes for CUDA-graph capture (see the module docstring for each).
     """
 
     def __init__(self, bits_k: int = 4, bits_v: int = 4, group_size: int = 32, residual: int = 128,
@@ -184,6 +193,8 @@ class QuantizedKVCache:
     def __len__(self) -> int:
         """Cached tokens per row (exact for a uniform cache; for a ragged one an upper bound over the
         rows: the width of :meth:`positions`, :meth:`dequantized` and of the decode mass)."""
+        if not self.initialized:
+            return 0
         if self._exact or self.static:
             return self._hq + self._hr
         return min(self._next_pos, self._hq + self._hr)
@@ -191,12 +202,12 @@ class QuantizedKVCache:
     @property
     def n_quant(self) -> int:
         """Quantized tokens per row (host; an upper bound over the rows of a ragged cache)."""
-        return self._hq
+        return self._hq if self.initialized else 0
 
     @property
     def n_res(self) -> int:
         """Residual tokens per row (host; an upper bound over the rows of a ragged cache)."""
-        return self._hr
+        return self._hr if self.initialized else 0
 
     @property
     def is_uniform(self) -> bool:
