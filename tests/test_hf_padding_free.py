@@ -101,3 +101,29 @@ def test_set_padding_errors():
     c = TokopsQuantizedCache(bits_k=8, bits_v=8)
     with pytest.raises(ValueError, match="num_layers"):
         c.set_padding(torch.ones(2, 5))
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_fused_layer_decode_step_no_host_sync(padding_free):
+    """One fused decode step of a layer (update + the tokops_kv attention) reads nothing on the host:
+    a padding-free layer ignores the padding mask, a uniform one gets no mask from transformers."""
+    from nosync import no_host_sync
+    from tokops.kv.hf import tokops_kv_attention_forward
+
+    cache = _cache(fused=True, key_axis=-1, value_axis=-1, checks="deferred")
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(3, 2, 11, 16, generator=g), torch.randn(3, 2, 11, 16, generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, :4] = 0
+    if padding_free:
+        layer.set_padding(mask)
+    layer.update(k, v)
+    for step in range(10):
+        k1, v1 = torch.randn(3, 2, 1, 16, generator=g), torch.randn(3, 2, 1, 16, generator=g)
+        q = torch.randn(3, 4, 1, 16, generator=g)
+        amask = torch.zeros(3, 1, 1, 12 + step, dtype=torch.bool) if padding_free else None  # ignored
+        with no_host_sync():
+            kk, vv = layer.update(k1, v1)
+            out, _ = tokops_kv_attention_forward(None, q, kk, vv, amask, scaling=0.25)
+        assert out.shape == (3, 1, 4, 16) and torch.isfinite(out).all()

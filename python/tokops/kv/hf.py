@@ -31,7 +31,8 @@ tokens of each row (``QuantizedKVCache.append(lengths=)``: a ragged cache; paddi
 quantized, stored or attended), decode steps append one token per row, and ``update`` hands the
 model K/V in the left-padded layout the model's mask expects (zeros in the padding).  The fused
 decode then reads each row's own length and never looks at the mask (no host sync); without
-``set_padding`` the fused path reads the mask once per layer to see whether it has padding.
+``set_padding`` a padded batch takes the dequantize + SDPA path in its decode steps (the mask is
+never read on the host).
 Beam search (the mask is repeated with the rows) and ``crop`` (per row) work there too.
 
 Host syncs: none per token in the cache methods; ``reorder_cache`` / ``batch_select_indices``
@@ -306,14 +307,6 @@ def _batch_index(name: str, index, batch: int) -> torch.Tensor:
     return index
 
 
-def _mask_allows_all(mask) -> bool:
-    if mask is None:
-        return True
-    if mask.dtype == torch.bool:
-        return bool(mask.all())
-    return bool((mask == 0).all())
-
-
 def tokops_kv_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                 scaling: float | None = None, **kwargs):
     """``attn_implementation="tokops_kv"``: fused quantized decode when the cache handed a marker."""
@@ -321,8 +314,10 @@ def tokops_kv_attention_forward(module, query, key, value, attention_mask, dropo
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    # padding-free rows: the mask only marks padding the cache never stored -- per-row lengths suffice
-    if layer.padding_free or _mask_allows_all(attention_mask):
+    # padding-free rows: the mask only marks padding the cache never stored -- per-row lengths suffice.
+    # Otherwise the fused path runs when transformers passes no mask (no padding: its mask function
+    # returns None for decode steps); a mask is not read on the host (no sync): dequantize + SDPA.
+    if layer.padding_free or attention_mask is None:
         out = decode_attention(query.contiguous(), layer.kv, scale=scaling, backend=layer.backend)
         return out.transpose(1, 2).contiguous(), None
     k, v = layer.kv.dequantized(query.dtype)
