@@ -598,3 +598,21 @@ def test_ragged_fuzz_reaches_the_oracle():
     if not _REACHED["ragged"]:
         pytest.skip("the fuzz test did not run in this session")
     assert_most_reach(_REACHED, 0.6)
+
+
+def test_refresh_bounds_tightens_without_changing_rows():
+    rag, unis = _ragged_cache(seed=6, pinned=True)
+    rag._n_pinned += 50  # what a (B, T) pin mask on a GPU does to the bound over many steps
+    rag._hr += 50
+    rag._grow_res(rag._hr + 8)
+    q = torch.randn(3, 4, 1, 16)
+    before = len(rag)
+    out = decode_attention(q, rag, backend="torch")
+    rag.refresh_bounds()
+    assert len(rag) < before and rag.n_res == int(rag.tensors()["n_res"].max())
+    _assert_rows_equal(rag, unis)
+    torch.testing.assert_close(decode_attention(q, rag, backend="torch"), out, atol=1e-6, rtol=1e-5)
+    g = torch.Generator().manual_seed(2)
+    k, v = _rand_kv(g, 3, 2, 9, 16)
+    _append_ragged(rag, unis, k, v, [9, 0, 5], torch.rand(3, 9, generator=g) < 0.3)
+    _assert_rows_equal(rag, unis)

@@ -63,7 +63,8 @@ higher bit width).  The quantized store then holds the unpinned tokens in order,
 the pinned tokens and the recent window in order; :meth:`positions` maps store order to token
 positions (each row counts its own positions from 0).  A ``(T,)`` mask keeps the host counts of a
 uniform cache exact (its count is read on the host: free for a CPU mask, one sync for a mask on
-the GPU); a ``(B, T)`` mask makes the cache ragged (the pin counts stay on the device, no sync).
+the GPU); a ``(B, T)`` mask makes the cache ragged (the pin counts stay on the device, no sync; on
+the GPU the host bound on pinned tokens then grows by ``T`` per append: see :meth:`refresh_bounds`).
 
 **H2O eviction** (``budget=``): :meth:`accumulate_mass` adds the per-key attention mass returned by
 ``decode_attention(..., return_mass=True)`` (summed over the query heads of each kv head) to a
@@ -466,12 +467,15 @@ class QuantizedKVCache:
         ar_T = torch.arange(T, device=dev)
         # ---- what the host knows
         pin_host = None  # exact pinned count of the new tokens (same for every row), if known
+        pin_bound_cpu = None  # bound on the new pinned tokens of any row, when the mask is on the CPU
         pin = None  # (B, T) bool on the device
         if important is not None:
             if important.dim() == 1 and (lengths is None or important.device.type == "cpu"):
                 # a CPU mask costs no device sync; a (T,) mask on the device costs one (the uniform
                 # cache keeps exact host counts: pass the mask on the CPU, or per row, to avoid it)
                 pin_host = int(important.sum())
+            elif important.device.type == "cpu":  # per row, on the CPU: a tight bound for free
+                pin_bound_cpu = int(important.sum(-1).max()) if important.numel() else 0
             pin = important.to(dev)
             pin = pin.expand(B, T) if pin.dim() == 1 else pin
         if lengths is not None:
@@ -482,7 +486,8 @@ class QuantizedKVCache:
         else:
             lens, tok_valid = None, None
         exact = self._exact and lengths is None and (important is None or pin_host is not None)
-        new_pin_bound = 0 if important is None else (pin_host if pin_host is not None else T)
+        new_pin_bound = 0 if important is None else (
+            pin_host if pin_host is not None else pin_bound_cpu if pin_bound_cpu is not None else T)
         no_pins = self._n_pinned == 0 and new_pin_bound == 0  # host bound: no row has a pinned token
 
         # ---- 1. write the new tokens after each row's residual tokens (past the valid ones)
@@ -739,6 +744,16 @@ class QuantizedKVCache:
         for a, t in attrs.items():
             setattr(self, a, t)
         self._shape = (index.numel(), *self._shape[1:])
+
+    def refresh_bounds(self) -> None:
+        """Tighten the host bounds of a ragged cache to the rows' real maxima (one host sync; not for
+        a per-token path).  A ``(B, T)`` pin mask on the device raises the bound on pinned tokens by
+        ``T`` per append (the counts are not read back), which widens the residual window every step
+        reads; call this now and then in such a loop.  No-op for a uniform or static cache."""
+        if not self.initialized or self._exact or self.static:
+            return
+        nq, nr, npin = (int(t.max()) for t in (self._nq, self._nr, self._npin))
+        self._hq, self._hr, self._n_pinned = nq, nr, npin
 
     # ------------------------------------------------------------------ deferred checks
     def check(self) -> None:
