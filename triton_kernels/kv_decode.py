@@ -89,24 +89,183 @@ def _dot(a, b, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _online_update(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr):
+def _code_f32(code, OFFSET: tl.constexpr):
+    """Unsigned integer codes (< 2^23) as fp32 minus ``OFFSET``, exactly, without an int->float
+    conversion instruction: ``(code | 0x4B000000)`` is the fp32 ``2^23 + code``."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
+def _words_tokens(codes_ptr, bh, c_bh, t0, end, d, dmask, D, BITS: tl.constexpr, BN: tl.constexpr,
+                  BD: tl.constexpr):
+    """Codes ``(BN, BD)`` (uint32) of tokens ``[t0, t0 + BN)`` of a store packed along tokens (axis -2):
+    each int32 word (``32 / BITS`` tokens of one channel) is loaded once and unpacked in registers."""
+    CPW: tl.constexpr = 32 // BITS
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    NW: tl.constexpr = BN // CPW
+    shifts = (tl.arange(0, CPW) * BITS).to(tl.uint32)
+    w = t0 // CPW + tl.arange(0, NW)
+    words = tl.load(codes_ptr + bh * c_bh + w[:, None].to(tl.int64) * D + d[None, :],
+                    mask=(w * CPW < end)[:, None] & dmask[None, :], other=0)
+    q3 = (words.to(tl.uint32, bitcast=True)[:, None, :] >> shifts[None, :, None]) & QMAX
+    return tl.reshape(q3, (BN, BD))
+
+
+@triton.jit
+def _fold_group(scale_ptr, zero_ptr, bh, s_bh, t0, d, dmask, D, BITS: tl.constexpr, G: tl.constexpr):
+    """Per-channel scale and *centred* zero ``(BD,)`` fp32 of the group of tokens holding ``t0`` (axis
+    -2): ``x = c * s + z = (c - 2^(b-1)) * s + (z + 2^(b-1) * s)``; the centred codes keep the folded
+    products no larger than the values themselves (fp16 rounding of ``q * s`` then costs no more than
+    the rounding of a dequantized key)."""
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    off = bh * s_bh + (t0 // G) * D + d
+    sc = tl.load(scale_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+    return sc, z + HALF * sc
+
+
+@triton.jit
+def _dequant_tokens(codes_ptr, scale_ptr, zero_ptr, bh, c_bh, s_bh, t0, end, d, dmask, D, BITS: tl.constexpr,
+                    G: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+    """Dequantized fp32 tile ``(BN, BD)`` of a store grouped along tokens (axis -2), scale and zero
+    loaded once per (group, channel) and broadcast over the group's tokens."""
+    code = _words_tokens(codes_ptr, bh, c_bh, t0, end, d, dmask, D, BITS, BN, BD)
+    if G >= BN:  # the tile lies inside one group
+        off = bh * s_bh + (t0 // G) * D + d
+        sc = tl.load(scale_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+        return _code_f32(code, 0.0) * sc[None, :] + z[None, :]
+    else:
+        NGT: tl.constexpr = BN // G
+        gi = t0 // G + tl.arange(0, NGT)
+        off = bh * s_bh + gi[:, None].to(tl.int64) * D + d[None, :]
+        m = (gi * G < end)[:, None] & dmask[None, :]
+        sc = tl.load(scale_ptr + off, mask=m, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + off, mask=m, other=0.0).to(tl.float32)
+        x = tl.reshape(_code_f32(code, 0.0), (NGT, G, BD)) * sc[:, None, :] + z[:, None, :]
+        return tl.reshape(x, (BN, BD))
+
+
+@triton.jit
+def _dequant_channels(codes_ptr, scale_ptr, zero_ptr, bh, t, tmask, d, dmask, c_bh, s_bh, WD, NGD,
+                      BITS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                      PACKED_D: tl.constexpr):
+    """Dequantized fp32 tile ``(BN, BD)`` of a store grouped along channels (axis -1: groups of ``G``
+    channels per token).  Words loaded once, unpacked in registers; with ``PACKED_D`` (``BD == D``)
+    scale and zero are loaded once per (token, group) and broadcast over the group's channels."""
+    CPW: tl.constexpr = 32 // BITS
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    BW: tl.constexpr = BD // CPW
+    shifts = (tl.arange(0, CPW) * BITS).to(tl.uint32)
+    t2 = t[:, None].to(tl.int64)
+    w = tl.arange(0, BW)
+    words = tl.load(codes_ptr + bh * c_bh + t2 * WD + w[None, :], mask=tmask[:, None] & (w < WD)[None, :], other=0)
+    q3 = (words.to(tl.uint32, bitcast=True)[:, :, None] >> shifts[None, None, :]) & QMAX
+    cf = _code_f32(q3, 0.0)  # (BN, BW, CPW)
+    if PACKED_D:
+        NG: tl.constexpr = BD // G
+        gi = tl.arange(0, NG)
+        soff = bh * s_bh + t2 * NGD + gi[None, :]
+        sc = tl.load(scale_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + soff, mask=tmask[:, None], other=0.0).to(tl.float32)
+        x = tl.reshape(cf, (BN, NG, G)) * sc[:, :, None] + z[:, :, None]
+        return tl.reshape(x, (BN, BD))
+    else:
+        m2 = tmask[:, None] & dmask[None, :]
+        soff = bh * s_bh + t2 * NGD + d[None, :] // G
+        sc = tl.load(scale_ptr + soff, mask=m2, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + soff, mask=m2, other=0.0).to(tl.float32)
+        return tl.reshape(cf, (BN, BD)) * sc + z
+
+
+@triton.jit
+def _fp8_tile(codes_ptr, bh, c_bh, t, tmask, d, dmask, D, NATIVE_FP8: tl.constexpr):
+    c = tl.load(codes_ptr + bh * c_bh + t[:, None].to(tl.int64) * D + d[None, :],
+                mask=tmask[:, None] & dmask[None, :], other=0)
+    if NATIVE_FP8:
+        return c.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:  # sm_80/86: no fp8 instructions
+        return _fp8_e4m3_value(c.to(tl.int32))
+
+
+@triton.jit
+def _quant_scores(q, kc, ks, kz, bh, t0, end, d, dmask, c_bh, s_bh, D, WD, NGD, qk_scale,
+                  FP8: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr, FOLD: tl.constexpr,
+                  BN: tl.constexpr, BD: tl.constexpr, PACKED_D: tl.constexpr, NATIVE_FP8: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr):
+    """Scores ``(BM, BN)`` fp32 (base 2: times ``qk_scale``) of the fp32 queries ``q`` against quantized
+    keys ``[t0, t0 + BN)`` (unmasked).  fp8: the per-token scale multiplies the scores.  Axis -2 with
+    ``FOLD`` (the tile inside one group): scale and zero folded into q (KIVI):
+    ``q . (c * s + z) = (q * s) . c + q . z``, the codes entering the dot as exact small integers."""
+    t = t0 + tl.arange(0, BN)
+    tmask = t < end
+    if FP8:
+        x = _fp8_tile(kc, bh, c_bh, t, tmask, d, dmask, D, NATIVE_FP8)
+        sc = tl.load(ks + bh * s_bh + t.to(tl.int64), mask=tmask, other=0.0)
+        return _dot(q, tl.trans(x), DOT_DTYPE) * (sc * qk_scale)[None, :]
+    elif AXIS == -2:
+        if FOLD:
+            code = _words_tokens(kc, bh, c_bh, t0, end, d, dmask, D, BITS, BN, BD)
+            HALF: tl.constexpr = 1 << (BITS - 1)
+            sc, zc = _fold_group(ks, kz, bh, s_bh, t0, d, dmask, D, BITS, G)
+            qs = q * (sc * qk_scale)[None, :]
+            qz = tl.sum(q * zc[None, :], 1) * qk_scale
+            return _dot(qs, tl.trans(_code_f32(code, HALF)), DOT_DTYPE) + qz[:, None]
+        else:
+            x = _dequant_tokens(kc, ks, kz, bh, c_bh, s_bh, t0, end, d, dmask, D, BITS, G, BN, BD)
+            return _dot(q, tl.trans(x), DOT_DTYPE) * qk_scale
+    else:
+        x = _dequant_channels(kc, ks, kz, bh, t, tmask, d, dmask, c_bh, s_bh, WD, NGD, BITS, G, BN, BD, PACKED_D)
+        return _dot(q, tl.trans(x), DOT_DTYPE) * qk_scale
+
+
+@triton.jit
+def _quant_pv(p, vc, vs, vz, bh, t0, end, d, dmask, c_bh, s_bh, D, WD, NGD,
+              FP8: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr, FOLD: tl.constexpr,
+              BN: tl.constexpr, BD: tl.constexpr, PACKED_D: tl.constexpr, NATIVE_FP8: tl.constexpr,
+              DOT_DTYPE: tl.constexpr):
+    """``p @ v`` ``(BM, BD)`` fp32 for quantized values ``[t0, t0 + BN)`` (``p`` is 0 past ``end``).
+    Axis -2 with ``FOLD``: ``p @ (c * s + z) = (p @ c) * s + rowsum(p) * z`` (scale and zero applied
+    once per output element instead of once per code)."""
+    t = t0 + tl.arange(0, BN)
+    tmask = t < end
+    if FP8:
+        sc = tl.load(vs + bh * s_bh + t.to(tl.int64), mask=tmask, other=0.0)
+        x = _fp8_tile(vc, bh, c_bh, t, tmask, d, dmask, D, NATIVE_FP8) * sc[:, None]
+        return _dot(p, x, DOT_DTYPE)
+    elif AXIS == -2:
+        if FOLD:
+            code = _words_tokens(vc, bh, c_bh, t0, end, d, dmask, D, BITS, BN, BD)
+            HALF: tl.constexpr = 1 << (BITS - 1)
+            sc, zc = _fold_group(vs, vz, bh, s_bh, t0, d, dmask, D, BITS, G)
+            return _dot(p, _code_f32(code, HALF), DOT_DTYPE) * sc[None, :] + tl.sum(p, 1)[:, None] * zc[None, :]
+        else:
+            x = _dequant_tokens(vc, vs, vz, bh, c_bh, s_bh, t0, end, d, dmask, D, BITS, G, BN, BD)
+            return _dot(p, x, DOT_DTYPE)
+    else:
+        x = _dequant_channels(vc, vs, vz, bh, t, tmask, d, dmask, c_bh, s_bh, WD, NGD, BITS, G, BN, BD, PACKED_D)
+        return _dot(p, x, DOT_DTYPE)
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i):
+    """Online-softmax step on base-2 scores ``s`` (``-inf`` = masked): ``(m_new, l_new, p, alpha)``."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p, v, DOT_DTYPE)
-    return m_new, l_i, acc
+    return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cap_q", "cap_r", "n_qsplits", "iters_q", "iters_r", "S"])
 def _decode_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, m_ptr, l_ptr, acc_ptr,
                            nq_ptr, nr_ptr, cap_q, cap_r, NQ, GQ, HKV, H, qk_scale,
                            kc_bh, ks_bh, vc_bh, vs_bh, kr_bh, kr_t, vr_bh, vr_t,
                            D, K_WD, K_NGD, V_WD, V_NGD, n_qsplits, iters_q, iters_r, S,
                            FP8: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, G: tl.constexpr,
-                           K_AXIS: tl.constexpr, V_AXIS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, NATIVE_FP8: tl.constexpr):
+                           K_AXIS: tl.constexpr, V_AXIS: tl.constexpr, FOLD_K: tl.constexpr, FOLD_V: tl.constexpr,
+                           DOT_DTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                           PACKED_D: tl.constexpr, NATIVE_FP8: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     b = bh // HKV
@@ -122,24 +281,26 @@ def _decode_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, m_ptr, l_ptr, 
     d = tl.arange(0, BD)
     dmask = d < D
     q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+    qf = q.to(tl.float32)
     limit = L - NQ + qi  # last store index query i may see
     m_i = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, BD), tl.float32)
+    # fixed grid (capacity-sized): a split past this row's tokens runs no iteration and stores an
+    # empty partial (m = -inf, l = 0), which the merge ignores
     if split < n_qsplits:
         start = split * (iters_q * BN)
         end = tl.minimum(start + iters_q * BN, n_quant)
         for j in range(0, tl.cdiv(tl.maximum(end - start, 0), BN)):
             t0 = start + j * BN
             t = t0 + tl.arange(0, BN)
-            tmask = t < end
-            k = _load_quant_tile(kc, ks, kz, bh, t0, end, d, dmask, kc_bh, ks_bh, D, K_WD, K_NGD,
-                                 FP8, BITS_K, G, K_AXIS, BN, BD, NATIVE_FP8)
-            s = _dot(q, tl.trans(k), DOT_DTYPE) * qk_scale
-            s = tl.where(tmask[None, :] & (t[None, :] <= limit[:, None]), s, float("-inf"))
-            v = _load_quant_tile(vc, vs, vz, bh, t0, end, d, dmask, vc_bh, vs_bh, D, V_WD, V_NGD,
-                                 FP8, BITS_V, G, V_AXIS, BN, BD, NATIVE_FP8)
-            m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_DTYPE)
+            s = _quant_scores(qf, kc, ks, kz, bh, t0, end, d, dmask, kc_bh, ks_bh, D, K_WD, K_NGD, qk_scale,
+                              FP8, BITS_K, G, K_AXIS, FOLD_K, BN, BD, PACKED_D, NATIVE_FP8, DOT_DTYPE)
+            s = tl.where((t < end)[None, :] & (t[None, :] <= limit[:, None]), s, float("-inf"))
+            m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i)
+            acc = acc * alpha[:, None] + _quant_pv(p, vc, vs, vz, bh, t0, end, d, dmask, vc_bh, vs_bh, D, V_WD,
+                                                   V_NGD, FP8, BITS_V, G, V_AXIS, FOLD_V, BN, BD, PACKED_D,
+                                                   NATIVE_FP8, DOT_DTYPE)
     else:
         start = (split - n_qsplits) * (iters_r * BN)
         end = tl.minimum(start + iters_r * BN, n_res)
@@ -148,11 +309,12 @@ def _decode_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, m_ptr, l_ptr, 
             tmask = t < end
             m2 = tmask[:, None] & dmask[None, :]
             t2 = t[:, None].to(tl.int64)
-            k = tl.load(kr + bh * kr_bh + t2 * kr_t + d[None, :], mask=m2, other=0.0).to(tl.float32)
+            k = tl.load(kr + bh * kr_bh + t2 * kr_t + d[None, :], mask=m2, other=0.0)
             s = _dot(q, tl.trans(k), DOT_DTYPE) * qk_scale
             s = tl.where(tmask[None, :] & ((n_quant + t)[None, :] <= limit[:, None]), s, float("-inf"))
-            v = tl.load(vr + bh * vr_bh + t2 * vr_t + d[None, :], mask=m2, other=0.0).to(tl.float32)
-            m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_DTYPE)
+            v = tl.load(vr + bh * vr_bh + t2 * vr_t + d[None, :], mask=m2, other=0.0)
+            m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i)
+            acc = acc * alpha[:, None] + _dot(p, v, DOT_DTYPE)
     off = qrow * S + split
     tl.store(m_ptr + off, m_i, mask=rmask)
     tl.store(l_ptr + off, l_i, mask=rmask)
@@ -278,6 +440,11 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_re
     cap_r = k_res.shape[2]
     cfg = decode_grid(B, HKV, cap_q, cap_r, dev)
     BN = cfg["BN"]
+    # a tile inside one group of tokens (axis -2, G >= BN): its scale and zero are folded into q (keys)
+    # or applied after p @ codes (values); smaller groups: dequantized with one scale/zero load per
+    # (group, channel).  (Shrinking the tile to G to fold anyway costs more per token than it saves:
+    # benchmarks/loop_sass.py.)
+    fold = group_size % BN == 0
     interp = gpu_sm_count(dev) is None
     BD = max(16, triton.next_power_of_2(D))
     BM = max(16, triton.next_power_of_2(GQ * NQ))
@@ -296,7 +463,8 @@ def decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_re
         k_codes.stride(1), k_scale.stride(1), v_codes.stride(1), v_scale.stride(1),
         k_res.stride(1), k_res.stride(2), v_res.stride(1), v_res.stride(2),
         D, k_wd, D // group_size, v_wd, D // group_size, cfg["qsplits"], cfg["iters_q"], cfg["iters_r"], S,
-        BITS_K=bits_k, BITS_V=bits_v, K_AXIS=key_axis, V_AXIS=value_axis, BM=BM,
+        BITS_K=bits_k, BITS_V=bits_v, K_AXIS=key_axis, V_AXIS=value_axis, BM=BM, PACKED_D=BD == D,
+        FOLD_K=fold and key_axis == -2, FOLD_V=fold and value_axis == -2,
         # 8 warps: two dequantized (BN, BD) fp32 tiles live at once; with 4 warps the kernel sits at
         # 255 registers and spills on sm_80 (benchmarks/kernel_check.py)
         num_warps=4 if interp else 8, **common)
