@@ -2,15 +2,20 @@
 // Spec: DESIGN.md "Quantized KV"; Python reference: python/tokops/kv/decode.py (dense_decode);
 // Triton twin: triton_kernels/kv_decode.py (same split scheme, same causal rule).
 //
+// Ragged rows: per-row lengths n_quant[b], n_res[b] (int32 device tensors, clamped to the buffers); the
+// grid depends on (B, H_kv, capacities, SM count) only, so a captured CUDA graph replays across steps.
 // Three kernels:
 //  * decode_partial_kernel, grid (B*H_kv, S, ceil(GQ*nq / 16)): one block = one kv head, one split of
-//    the sequence (the first S_q splits cover the quantized store, the rest the full-precision residual
-//    window) and up to 16 query rows (GQ query heads x nq queries). Tiles of TT tokens are dequantized
-//    from the packed int32 codes + fp16 scale/zero (or fp8 codes + fp32 per-token scale) into shared
-//    memory, never into a global temporary; online softmax in fp32 (base 2); partial (m, l, acc).
+//    the capacity (the first S_q splits cover the quantized store, the rest the full-precision residual
+//    window; a split past the row's tokens stores an empty partial) and up to 16 query rows (GQ query
+//    heads x nq queries). Tiles of TT tokens are dequantized from the packed int32 codes + fp16
+//    scale/zero (or fp8 codes + fp32 per-token scale) into shared memory with 128-bit loads, scale and
+//    zero once per word, never into a global temporary; online softmax in fp32 (base 2); partial
+//    (m, l, acc). D = 64/128: <= 64 registers, 8 resident blocks per SM; the grid asks for 8 x SMs blocks.
 //  * decode_merge_kernel, one block per (b, h, query): LSE merge of the S splits -> out, lse.
-//  * decode_mass_kernel (return_mass): per-key attention mass sum_i exp(s_ij - lse_i), (B, H, L) fp32.
-// Causal rule among the nq new queries: query i sees store indices j <= L - nq + i.
+//  * decode_mass_kernel (return_mass): per-key attention mass sum_i exp(s_ij - lse_i), (B, H, max_len)
+//    fp32, 0 past each row's length.
+// Causal rule among the nq new queries of row b: query i sees store indices j <= L_b - nq + i.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_fp16.h>
