@@ -1,21 +1,30 @@
-"""Triton fused decode attention over a quantized KV cache (flash-decoding).
+"""Triton fused decode attention over a quantized KV cache (flash-decoding, ragged rows).
 
 Three kernels:
 
-* ``_decode_partial_kernel``, grid ``(B * H_kv, S)``: program ``(bh, s)`` owns one kv head and *all*
-  its ``GQ = H / H_kv`` query heads times the ``nq`` new queries (``GQ * nq`` rows of one ``tl.dot``),
-  and one split of the sequence: the first ``S_q`` splits cover the quantized store (chunks of
-  ``chunk_q`` tokens), the remaining ones the full-precision residual window.  Key/value tiles are
-  dequantized in registers straight from the packed int32 codes + fp16 scales/zeros (or fp8 codes +
-  fp32 per-token scales); the whole cache is never dequantized into a temporary.  Online softmax in
-  fp32 (base 2), partial ``(m, l, acc)`` per split.
-* ``_merge_kernel``, one program per (b, h, query): LSE merge of the ``S`` splits -> ``out`` (input
-  dtype) and ``lse`` (fp32, natural log).
-* ``_mass_kernel`` (only with ``return_mass``), grid ``(B * H_kv, key blocks)``: recomputes the scores
-  of one key block for every query head of the kv head and sums ``exp(s - lse)`` over the ``nq``
-  queries -> per-key attention mass ``(B, H, L)`` fp32.
+* ``_decode_partial_kernel``, grid ``(B * H_kv, S)`` from :func:`decode_grid` (a function of the batch,
+  the kv heads and the buffers' *capacities*, never of the current lengths, so that a captured CUDA
+  graph replays across decode steps): program ``(bh, s)`` owns one kv head and *all* its
+  ``GQ = H / H_kv`` query heads times the ``nq`` new queries (``GQ * nq`` rows of one ``tl.dot``), and
+  one split of the sequence: the first ``S_q`` splits cover the quantized store (chunks of
+  ``iters_q * BN`` tokens), the others the full-precision residual window.  Each row reads its own
+  lengths ``n_quant[b]``, ``n_res[b]`` (int32 device tensors): splits past them run no iteration and
+  store an empty partial.  Key/value tiles come straight from the packed int32 codes: each word is
+  loaded once and unpacked in registers, codes become fp32 by the ``2^23`` magic (no int->float
+  instruction), scale and zero are loaded once per group; when a tile lies inside one group of tokens
+  (axis -2, ``G >= BN``) they are folded (KIVI): into q for keys (``(q*s).c + q.z``) and applied after
+  ``p @ c`` for values; fp8 keys: the per-token scale multiplies the scores.  The whole cache is never
+  dequantized into a temporary.  Online softmax in fp32 (base 2), partial ``(m, l, acc)`` per split.
+* ``_merge_kernel``, one program per (b, h, query): LSE merge of the ``S`` splits (empty ones weigh 0)
+  -> ``out`` (input dtype) and ``lse`` (fp32, natural log; ``-inf`` and ``out = 0`` when nothing is
+  visible).
+* ``_mass_kernel`` (only with ``return_mass``), grid ``(B * H_kv, key blocks of the capacity)``:
+  recomputes the scores of one key block for every query head of the kv head and sums
+  ``exp(s - lse)`` over the ``nq`` queries -> per-key attention mass ``(B, H, max_len)`` fp32 (0 past
+  each row's length).
 
-Causal rule among the ``nq`` new queries: query ``i`` sees store indices ``j <= L - nq + i``.
+Causal rule among the ``nq`` new queries of row ``b``: query ``i`` sees store indices
+``j <= L_b - nq + i`` with ``L_b = n_quant[b] + n_res[b]``.
 """
 
 from __future__ import annotations
