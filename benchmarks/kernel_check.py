@@ -312,7 +312,6 @@ def kv_decode_cases(quick: bool):
                 dt = torch.float16
                 q = _meta((B, H, 1, D), dt)
                 res = [_meta((B, HKV, R, D), dt) for _ in range(2)]
-                nq = L - R
                 if mode == "fp8":
                     kc, vc = (_meta((B, HKV, L, D), torch.uint8) for _ in range(2))
                     ks, vs = (_meta((B, HKV, L), torch.float32) for _ in range(2))
@@ -324,9 +323,26 @@ def kv_decode_cases(quick: bool):
                     ks = kz = _meta((B, HKV, L // G, D), torch.float16)
                     vc = _meta((B, HKV, L, D * bits // 32), torch.int32)
                     vs = vz = _meta((B, HKV, L, D // G), torch.float16)
-                m.decode_attention(q, kc, ks, kz, vc, vs, vz, *res, nq, R, mode, bits, bits, G, ka, va, D ** -0.5,
+                lens = [_meta((B,), torch.int32) for _ in range(2)]  # per-row lengths live on the device
+                m.decode_attention(q, kc, ks, kz, vc, vs, vz, *res, *lens, L, mode, bits, bits, G, ka, va, D ** -0.5,
                                    True)
             out.append((f"kv decode {mode}{'' if mode == 'fp8' else bits} B={B}", fn, archs))
+    # issue 12/14 configuration: ragged rows (per-row length tensors), nq=3 speculative queries, GQA 4,
+    # groups of 64 tokens (keys: scale/zero folded into q; values per channel too: applied after p @ c)
+    for bits, archs in (((4, (90, 80)),) if quick else ((8, ARCHS), (4, ARCHS), (2, ARCHS))):
+        def fn(bits=bits):
+            from tokops.triton_kernels import kv_decode as m
+
+            B, H, HKV, L, D, G, R, NQ = 8, 32, 8, 32768, 128, 64, 128, 3
+            dt = torch.bfloat16
+            q = _meta((B, H, NQ, D), dt)
+            res = [_meta((B, HKV, R + G, D), dt) for _ in range(2)]
+            kc, vc = (_meta((B, HKV, L * bits // 32, D), torch.int32) for _ in range(2))
+            ks = kz = vs = vz = _meta((B, HKV, L // G, D), torch.float16)
+            lens = [_meta((B,), torch.int32) for _ in range(2)]
+            m.decode_attention(q, kc, ks, kz, vc, vs, vz, *res, *lens, L, "int", bits, bits, G, -2, -2, D ** -0.5,
+                               True)
+        out.append((f"kv decode ragged nq=3 G=64 int{bits}", fn, archs))
     return out
 
 

@@ -414,7 +414,7 @@ def test_opcheck(backend_device, mode):
     q = _q(1, 4, 2, 32).to(device)
     for return_mass in (False, True):
         args = (q, t["k_codes"], t["k_scale"], t["k_zero"], t["v_codes"], t["v_scale"], t["v_zero"], t["k_res"],
-                t["v_res"], cache.n_quant, cache.n_res, cache.mode, cache.bits_k, cache.bits_v, cache.group_size,
+                t["v_res"], t["n_quant"], t["n_res"], len(cache), cache.mode, cache.bits_k, cache.bits_v, cache.group_size,
                 cache.key_axis, cache.value_axis, 0.2, return_mass, backend)
         torch.library.opcheck(torch.ops.tokops.kv_decode_attention.default, args)
 
@@ -424,13 +424,13 @@ def test_torch_compile_fullgraph():
     _fill(cache, [50], B=1, Hk=2, D=32)
     t = cache.tensors()
 
-    def step(q, kc, ks, kz, vc, vs, vz, kr, vr):
-        out, lse, mass = torch.ops.tokops.kv_decode_attention(q, kc, ks, kz, vc, vs, vz, kr, vr, cache.n_quant,
-                                                             cache.n_res, "int", 4, 4, G, -2, -1, 0.25, True, "torch")
+    def step(q, kc, ks, kz, vc, vs, vz, kr, vr, nq, nr):
+        out, lse, mass = torch.ops.tokops.kv_decode_attention(q, kc, ks, kz, vc, vs, vz, kr, vr, nq, nr, len(cache),
+                                                             "int", 4, 4, G, -2, -1, 0.25, True, "torch")
         return out * 2, mass.sum(-1)
 
     args = (_q(1, 4, 1, 32), t["k_codes"], t["k_scale"], t["k_zero"], t["v_codes"], t["v_scale"], t["v_zero"],
-            t["k_res"], t["v_res"])
+            t["k_res"], t["v_res"], t["n_quant"], t["n_res"])
     torch._dynamo.reset()
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
     exp = step(*args)
@@ -519,10 +519,16 @@ def test_cuda_decode_rejects_bad_input_directly():
     _fill(cache, [60], B=1, Hk=2, D=32, device="cuda")
     t = cache.tensors()
     args = [_q(1, 4, 1, 32).cuda(), t["k_codes"], t["k_scale"], t["k_zero"], t["v_codes"], t["v_scale"], t["v_zero"],
-            t["k_res"], t["v_res"], cache.n_quant, cache.n_res, "int", 4, 4, G, -2, -1, 0.2, False]
+            t["k_res"], t["v_res"], t["n_quant"], t["n_res"], len(cache), "int", 4, 4, G, -2, -1, 0.2, False]
+    # the lengths are device tensors since the per-row interface (issue 14): a length past the buffers
+    # cannot be checked on the host without a sync (the kernels clamp it); their dtype/shape is checked
     bad = list(args)
-    bad[9] = cache.capacity + 64  # more quantized tokens than the buffers hold
-    with pytest.raises(RuntimeError, match="too small"):
+    bad[9] = t["n_quant"].long()
+    with pytest.raises(RuntimeError, match="n_quant"):
+        torch.ops.tokops.kv_decode_attention_cuda(*bad)
+    bad = list(args)
+    bad[10] = t["n_res"][:0]
+    with pytest.raises(RuntimeError, match="n_res"):
         torch.ops.tokops.kv_decode_attention_cuda(*bad)
     bad = list(args)
     bad[0] = _q(1, 4, 1, 48).cuda()

@@ -2,20 +2,26 @@
 // Spec: DESIGN.md "Quantized KV"; Python reference: python/tokops/kv/decode.py (dense_decode);
 // Triton twin: triton_kernels/kv_decode.py (same split scheme, same causal rule).
 //
+// Ragged rows: per-row lengths n_quant[b], n_res[b] (int32 device tensors, clamped to the buffers); the
+// grid depends on (B, H_kv, capacities, SM count) only, so a captured CUDA graph replays across steps.
 // Three kernels:
 //  * decode_partial_kernel, grid (B*H_kv, S, ceil(GQ*nq / 16)): one block = one kv head, one split of
-//    the sequence (the first S_q splits cover the quantized store, the rest the full-precision residual
-//    window) and up to 16 query rows (GQ query heads x nq queries). Tiles of TT tokens are dequantized
-//    from the packed int32 codes + fp16 scale/zero (or fp8 codes + fp32 per-token scale) into shared
-//    memory, never into a global temporary; online softmax in fp32 (base 2); partial (m, l, acc).
+//    the capacity (the first S_q splits cover the quantized store, the rest the full-precision residual
+//    window; a split past the row's tokens stores an empty partial) and up to 16 query rows (GQ query
+//    heads x nq queries). Tiles of TT tokens are dequantized from the packed int32 codes + fp16
+//    scale/zero (or fp8 codes + fp32 per-token scale) into shared memory with 128-bit loads, scale and
+//    zero once per word, never into a global temporary; online softmax in fp32 (base 2); partial
+//    (m, l, acc). D = 64/128: <= 64 registers, 8 resident blocks per SM; the grid asks for 8 x SMs blocks.
 //  * decode_merge_kernel, one block per (b, h, query): LSE merge of the S splits -> out, lse.
-//  * decode_mass_kernel (return_mass): per-key attention mass sum_i exp(s_ij - lse_i), (B, H, L) fp32.
-// Causal rule among the nq new queries: query i sees store indices j <= L - nq + i.
+//  * decode_mass_kernel (return_mass): per-key attention mass sum_i exp(s_ij - lse_i), (B, H, max_len)
+//    fp32, 0 past each row's length.
+// Causal rule among the nq new queries of row b: query i sees store indices j <= L_b - nq + i.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 
+#include <cstring>
 #include <string_view>
 
 #include "../common.h"
@@ -45,7 +51,9 @@ struct DecodeParams {
   float* m_part;
   float* l_part;
   float* acc_part;
-  int64_t n_quant, n_res, L;
+  const int32_t* n_quant;  // (B,) per-row lengths (device): quantized tokens, then residual tokens
+  const int32_t* n_res;
+  int64_t cap_q, cap_r, max_len;  // buffer capacities (tokens); mass row stride
   int NQ, GQ, HKV, H, G, fp8, n_qsplits, S;
   int64_t chunk_q, chunk_r;
   float qk_scale;  // scale * log2(e)
@@ -77,6 +85,152 @@ __device__ __forceinline__ float load_quant(const QuantSide& s, int64_t bh, int6
   return __fadd_rn(__fmul_rn(q, __half2float(sc[bh * s.s_bh + sidx])), __half2float(z[bh * s.s_bh + sidx]));
 }
 
+// ---- vectorised tile fills (issue 12: 128-bit loads, scale/zero once per group) --------------------
+// Every fill writes rows [0, TT) of dst (row stride ld): token t0 + t dequantized to fp32, 0 past end.
+
+__device__ __forceinline__ float dq(uint32_t code, float s, float z) {
+  return __fadd_rn(__fmul_rn(static_cast<float>(code), s), z);  // the spec's q * scale + zero (no FMA)
+}
+
+__device__ __forceinline__ void load_half4(const __half* src, float* out) {  // 8 bytes, 8-byte aligned
+  const uint2 raw = *reinterpret_cast<const uint2*>(src);
+  __half h[4];
+  memcpy(h, &raw, sizeof(h));
+#pragma unroll
+  for (int i = 0; i < 4; ++i) out[i] = __half2float(h[i]);
+}
+
+template <int D>
+__device__ void zero_tail(float* dst, int ld, int t0, int end, int TT, int tid) {
+  const int n = end - t0;
+  const int first = n <= 0 ? 0 : (n >= TT ? TT : n);
+  for (int e = first * D + tid; e < TT * D; e += kThreads) dst[(e / D) * ld + e % D] = 0.f;
+}
+
+// fp8 e4m3 codes (one fp32 scale per token): one 128-bit load = 16 channels of one token.
+template <int D>
+__device__ void fill_fp8(const QuantSide& s, int64_t bh, int t0, int end, int TT, float* dst, int ld,
+                         int tid) {
+  constexpr int U = D / 16;
+  const uint8_t* codes = static_cast<const uint8_t*>(s.codes) + bh * s.c_bh;
+  const float* scale = static_cast<const float*>(s.scale) + bh * s.s_bh;
+  for (int u = tid; u < TT * U; u += kThreads) {
+    const int t = u / U, c = (u % U) * 16;
+    const int tok = t0 + t;
+    if (tok >= end) continue;
+    const uint4 raw = *reinterpret_cast<const uint4*>(codes + tok * D + c);
+    uint8_t b8[16];
+    memcpy(b8, &raw, 16);
+    const float sc = scale[tok];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      __nv_fp8_e4m3 f;
+      f.__x = b8[i];
+      dst[t * ld + c + i] = static_cast<float>(f) * sc;
+    }
+  }
+  zero_tail<D>(dst, ld, t0, end, TT, tid);
+}
+
+// axis -2 (groups of G tokens per channel): one 128-bit load = 4 channels x 32/bits tokens; the word's
+// tokens lie in one group (G * bits is a multiple of 32), so 4 scales + 4 zeros serve 4 * 32/bits codes.
+template <int D>
+__device__ void fill_tokens(const QuantSide& s, int64_t bh, int t0, int end, int TT, float* dst, int ld,
+                            int G, int tid) {
+  const int cpw = 32 / s.bits;
+  const uint32_t qmax = (1u << s.bits) - 1u;
+  const int stop = min(t0 + TT, end);
+  const int r_lo = t0 / cpw;
+  const int nrows = stop > t0 ? (stop - 1) / cpw - r_lo + 1 : 0;
+  constexpr int U = D / 4;
+  const int32_t* codes = static_cast<const int32_t*>(s.codes) + bh * s.c_bh;
+  const __half* scale = static_cast<const __half*>(s.scale) + bh * s.s_bh;
+  const __half* zero = static_cast<const __half*>(s.zero) + bh * s.s_bh;
+  for (int u = tid; u < nrows * U; u += kThreads) {
+    const int r = r_lo + u / U;
+    const int c = (u % U) * 4;
+    const uint4 w4 = *reinterpret_cast<const uint4*>(codes + r * D + c);
+    const uint32_t w[4] = {w4.x, w4.y, w4.z, w4.w};
+    const int tb = r * cpw, g = tb / G;
+    float sc[4], z[4];
+    load_half4(scale + g * D + c, sc);
+    load_half4(zero + g * D + c, z);
+    for (int j = 0; j < cpw; ++j) {
+      const int tok = tb + j;
+      if (tok < t0 || tok >= stop) continue;
+      float* row = dst + (tok - t0) * ld + c;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) row[i] = dq((w[i] >> (j * s.bits)) & qmax, sc[i], z[i]);
+    }
+  }
+  zero_tail<D>(dst, ld, t0, end, TT, tid);
+}
+
+// axis -1 (groups of G channels per token): 128-bit loads of 4 words (4 * 32/bits channels of one
+// token) where the row of words allows it (else one word); scale and zero once per word (a word's
+// channels lie in one group).
+template <int D>
+__device__ void fill_channels(const QuantSide& s, int64_t bh, int t0, int end, int TT, float* dst, int ld,
+                              int G, int tid) {
+  const int cpw = 32 / s.bits;
+  const uint32_t qmax = (1u << s.bits) - 1u;
+  const int wd = s.wd;
+  const int vw = (wd % 4 == 0) ? 4 : 1;  // words per load
+  const int U = wd / vw;
+  const int32_t* codes = static_cast<const int32_t*>(s.codes) + bh * s.c_bh;
+  const __half* scale = static_cast<const __half*>(s.scale) + bh * s.s_bh;
+  const __half* zero = static_cast<const __half*>(s.zero) + bh * s.s_bh;
+  for (int u = tid; u < TT * U; u += kThreads) {
+    const int t = u / U, w0 = (u % U) * vw;
+    const int tok = t0 + t;
+    if (tok >= end) continue;
+    uint32_t w[4] = {0u, 0u, 0u, 0u};
+    if (vw == 4) {
+      const uint4 w4 = *reinterpret_cast<const uint4*>(codes + tok * wd + w0);
+      w[0] = w4.x; w[1] = w4.y; w[2] = w4.z; w[3] = w4.w;
+    } else {
+      w[0] = static_cast<uint32_t>(codes[tok * wd + w0]);
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (k >= vw) break;
+      const int ch = (w0 + k) * cpw;
+      const int sidx = tok * s.ngd + ch / G;
+      const float sc = __half2float(scale[sidx]), z = __half2float(zero[sidx]);
+      float* row = dst + t * ld + ch;
+      for (int j = 0; j < cpw; ++j) row[j] = dq((w[k] >> (j * s.bits)) & qmax, sc, z);
+    }
+  }
+  zero_tail<D>(dst, ld, t0, end, TT, tid);
+}
+
+template <int D>
+__device__ void fill_quant(const QuantSide& s, int64_t bh, int t0, int end, int TT, float* dst, int ld, int fp8,
+                           int G, int tid) {
+  if (fp8) fill_fp8<D>(s, bh, t0, end, TT, dst, ld, tid);
+  else if (s.axis == -2) fill_tokens<D>(s, bh, t0, end, TT, dst, ld, G, tid);
+  else fill_channels<D>(s, bh, t0, end, TT, dst, ld, G, tid);
+}
+
+// full-precision residual tokens: one 128-bit load = 16 bytes of one token's row.
+template <typename T, int D>
+__device__ void fill_res(const T* base, int r_t, int t0, int end, int TT,
+                         float* dst, int ld, int tid) {
+  constexpr int E = 16 / sizeof(T) < 1 ? 1 : 16 / sizeof(T);
+  constexpr int U = D / E;
+  for (int u = tid; u < TT * U; u += kThreads) {
+    const int t = u / U, c = (u % U) * E;
+    const int tok = t0 + t;
+    if (tok >= end) continue;
+    const uint4 raw = *reinterpret_cast<const uint4*>(base + tok * r_t + c);
+    T x[E];
+    memcpy(x, &raw, sizeof(x));
+#pragma unroll
+    for (int i = 0; i < E; ++i) dst[t * ld + c + i] = static_cast<float>(x[i]);
+  }
+  zero_tail<D>(dst, ld, t0, end, TT, tid);
+}
+
 template <int D>
 struct Tile {
   static constexpr int TT = (2048 / D) < 4 ? 4 : 2048 / D;  // tokens per tile
@@ -85,7 +239,9 @@ struct Tile {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) decode_partial_kernel(DecodeParams p) {
+// D = 64 / 128: registers capped at 64 so that 8 blocks (1,024 threads) are resident per SM (shared
+// memory allows 8 too: 26 KB per block at D = 128); D = 32 / 256 would spill under that cap.
+__global__ void __launch_bounds__(kThreads, (D == 64 || D == 128) ? 8 : 4) decode_partial_kernel(DecodeParams p) {
   using TL = Tile<D>;
   constexpr int TT = TL::TT, DP = TL::DP;
   constexpr int COLS = D >= kThreads ? D / kThreads : 1;
@@ -105,6 +261,10 @@ __global__ void __launch_bounds__(kThreads) decode_partial_kernel(DecodeParams p
   const int split = blockIdx.y;
   const int r0 = blockIdx.z * kRows;
   const int64_t b = bh / p.HKV, hk = bh % p.HKV;
+  // token indices are 32-bit (capacities < 2^31 tokens are checked on the host); offsets stay 64-bit
+  const int n_quant = static_cast<int>(min(static_cast<int64_t>(max(p.n_quant[b], 0)), p.cap_q));  // clamped
+  const int n_res = static_cast<int>(min(static_cast<int64_t>(max(p.n_res[b], 0)), p.cap_r));
+  const int L = n_quant + n_res;
   const int rows = p.GQ * p.NQ;
   const int tid = threadIdx.x;
   const T* q = static_cast<const T*>(p.q);
@@ -131,36 +291,28 @@ __global__ void __launch_bounds__(kThreads) decode_partial_kernel(DecodeParams p
     for (int c = 0; c < COLS; ++c) acc[i][c] = 0.f;
 
   const bool quant = split < p.n_qsplits;
-  const int64_t start = quant ? split * p.chunk_q : (split - p.n_qsplits) * p.chunk_r;
-  const int64_t end = quant ? min(start + p.chunk_q, p.n_quant) : min(start + p.chunk_r, p.n_res);
-  const int64_t pos0 = quant ? 0 : p.n_quant;
-  const T* kr = static_cast<const T*>(p.k_res);
-  const T* vr = static_cast<const T*>(p.v_res);
+  const int start = static_cast<int>(quant ? split * p.chunk_q : (split - p.n_qsplits) * p.chunk_r);
+  const int end = quant ? min(start + static_cast<int>(p.chunk_q), n_quant)
+                        : min(start + static_cast<int>(p.chunk_r), n_res);
+  const int pos0 = quant ? 0 : n_quant;
+  const T* kr = static_cast<const T*>(p.k_res) + bh * p.kr_bh;
+  const T* vr = static_cast<const T*>(p.v_res) + bh * p.vr_bh;
   __syncthreads();
 
-  for (int64_t t0 = start; t0 < end; t0 += TT) {
-    for (int e = tid; e < TT * D; e += kThreads) {
-      const int t = e / D, d = e % D;
-      const int64_t tok = t0 + t;
-      float kv = 0.f, vv = 0.f;
-      if (tok < end) {
-        if (quant) {
-          kv = load_quant(p.k, bh, tok, d, D, p.fp8, p.G);
-          vv = load_quant(p.v, bh, tok, d, D, p.fp8, p.G);
-        } else {
-          kv = static_cast<float>(kr[bh * p.kr_bh + tok * p.kr_t + d]);
-          vv = static_cast<float>(vr[bh * p.vr_bh + tok * p.vr_t + d]);
-        }
-      }
-      ks[t * DP + d] = kv;
-      vs[t * D + d] = vv;
+  for (int t0 = start; t0 < end; t0 += TT) {
+    if (quant) {
+      fill_quant<D>(p.k, bh, t0, end, TT, ks, DP, p.fp8, p.G, tid);
+      fill_quant<D>(p.v, bh, t0, end, TT, vs, D, p.fp8, p.G, tid);
+    } else {
+      fill_res<T, D>(kr, static_cast<int>(p.kr_t), t0, end, TT, ks, DP, tid);
+      fill_res<T, D>(vr, static_cast<int>(p.vr_t), t0, end, TT, vs, D, tid);
     }
     __syncthreads();
     for (int e = tid; e < kRows * TT; e += kThreads) {
       const int r = e / TT, t = e % TT, rr = r0 + r;
-      const int64_t tok = t0 + t;
+      const int tok = t0 + t;
       float s = -INFINITY;
-      if (rr < rows && tok < end && pos0 + tok <= p.L - p.NQ + rr % p.NQ) {
+      if (rr < rows && tok < end && pos0 + tok <= L - p.NQ + rr % p.NQ) {
         float a = 0.f;
 #pragma unroll 8
         for (int d = 0; d < D; ++d) a += qs[r * DP + d] * ks[t * DP + d];
@@ -245,7 +397,7 @@ struct MassTile {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) decode_mass_kernel(DecodeParams p, const float* __restrict__ lse,
+__global__ void __launch_bounds__(kThreads, 4) decode_mass_kernel(DecodeParams p, const float* __restrict__ lse,
                                                                 float* __restrict__ mass, int64_t n_qblocks) {
   constexpr int TM = MassTile<D>::TM;
   constexpr int DP = D + 1;
@@ -254,10 +406,15 @@ __global__ void __launch_bounds__(kThreads) decode_mass_kernel(DecodeParams p, c
   __shared__ float ps[8 * TM];
   const int64_t bh = blockIdx.x, blk = blockIdx.y;
   const int64_t b = bh / p.HKV, hk = bh % p.HKV;
+  const int64_t n_quant = min(static_cast<int64_t>(p.n_quant[b]), p.cap_q);
+  const int64_t n_res = min(static_cast<int64_t>(p.n_res[b]), p.cap_r);
+  const int64_t L = n_quant + n_res;
   const bool quant = blk < n_qblocks;
   const int64_t t0 = quant ? blk * TM : (blk - n_qblocks) * TM;
-  const int64_t end = quant ? p.n_quant : p.n_res;
-  const int64_t pos0 = quant ? 0 : p.n_quant;
+  const int64_t end = min(quant ? n_quant : n_res, p.max_len - (quant ? 0 : n_quant));
+  const int64_t pos0 = quant ? 0 : n_quant;
+  if (t0 >= end) return;  // a block past this row's tokens (the grid is sized by the capacity)
+  const QuantSide kside = p.k;  // a register copy (a reference into the parameter space costs a stack frame)
   const int tid = threadIdx.x;
   const T* q = static_cast<const T*>(p.q);
   const T* kr = static_cast<const T*>(p.k_res);
@@ -265,7 +422,7 @@ __global__ void __launch_bounds__(kThreads) decode_mass_kernel(DecodeParams p, c
     const int t = e / D, d = e % D;
     const int64_t tok = t0 + t;
     float kv = 0.f;
-    if (tok < end) kv = quant ? load_quant(p.k, bh, tok, d, D, p.fp8, p.G)
+    if (tok < end) kv = quant ? load_quant(kside, bh, tok, d, D, p.fp8, p.G)
                               : static_cast<float>(kr[bh * p.kr_bh + tok * p.kr_t + d]);
     ks[t * DP + d] = kv;
   }
@@ -281,7 +438,7 @@ __global__ void __launch_bounds__(kThreads) decode_mass_kernel(DecodeParams p, c
       const int qi = e / TM, t = e % TM;
       const int64_t tok = t0 + t;
       float pr = 0.f;
-      if (tok < end && pos0 + tok <= p.L - p.NQ + qi) {
+      if (tok < end && pos0 + tok <= L - p.NQ + qi) {
         float a = 0.f;
 #pragma unroll 8
         for (int d = 0; d < D; ++d) a += qs[qi * DP + d] * ks[t * DP + d];
@@ -295,15 +452,17 @@ __global__ void __launch_bounds__(kThreads) decode_mass_kernel(DecodeParams p, c
       if (tok >= end) continue;
       float sum = 0.f;
       for (int qi = 0; qi < p.NQ; ++qi) sum += ps[qi * TM + t];
-      mass[(b * p.H + h) * p.L + pos0 + tok] = sum;
+      mass[(b * p.H + h) * p.max_len + pos0 + tok] = sum;
     }
   }
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-void check_store(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const char* side,
-                 bool fp8, int64_t bits, int64_t G, int64_t axis, int64_t B, int64_t HKV, int64_t D, int64_t n) {
+// Checks one quantized store and returns its capacity in tokens (from the shapes: the per-row lengths
+// live on the device and are clamped to this capacity in the kernels; no host read of them).
+int64_t check_store(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero, const char* side,
+                    bool fp8, int64_t bits, int64_t G, int64_t axis, int64_t B, int64_t HKV, int64_t D) {
   TOKOPS_CHECK_CUDA(codes);
   TOKOPS_CHECK_CUDA(scale);
   TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous(), side, "_codes / ", side, "_scale must be contiguous");
@@ -312,11 +471,10 @@ void check_store(const at::Tensor& codes, const at::Tensor& scale, const at::Ten
   if (fp8) {
     TOKOPS_CHECK_DTYPE(codes, at::kByte);
     TOKOPS_CHECK_DTYPE(scale, at::kFloat);
-    TORCH_CHECK(codes.size(2) >= n && codes.size(3) == D, side, "_codes has shape ", codes.sizes(),
-                ", too small for ", n, " fp8 tokens of head dim ", D);
-    TORCH_CHECK(scale.dim() == 3 && scale.size(0) == B && scale.size(1) == HKV && scale.size(2) >= n, side,
-                "_scale has shape ", scale.sizes());
-    return;
+    TORCH_CHECK(codes.size(3) == D, side, "_codes has shape ", codes.sizes(), ", not fp8 tokens of head dim ", D);
+    TORCH_CHECK(scale.dim() == 3 && scale.size(0) == B && scale.size(1) == HKV, side, "_scale has shape ",
+                scale.sizes());
+    return std::min(codes.size(2), scale.size(2));
   }
   TOKOPS_CHECK_DTYPE(codes, at::kInt);
   TOKOPS_CHECK_DTYPE(scale, at::kHalf);
@@ -328,16 +486,17 @@ void check_store(const at::Tensor& codes, const at::Tensor& scale, const at::Ten
   TORCH_CHECK(axis == -1 || axis == -2, side, " axis must be -1 or -2, got ", axis);
   TORCH_CHECK(scale.dim() == 4 && scale.size(0) == B && scale.size(1) == HKV, side, "_scale has shape ", scale.sizes());
   if (axis == -2) {
-    TORCH_CHECK(n % G == 0, "n_quant must be a multiple of group_size for axis=-2, got ", n);
-    TORCH_CHECK(codes.size(3) == D && codes.size(2) * (32 / bits) >= n, side, "_codes has shape ", codes.sizes(),
-                ", too small for ", n, " tokens");
-    TORCH_CHECK(scale.size(3) == D && scale.size(2) * G >= n, side, "_scale has shape ", scale.sizes());
-  } else {
-    TORCH_CHECK(D % G == 0 && (D * bits) % 32 == 0, "group_size must divide D for axis=-1");
-    TORCH_CHECK(codes.size(2) >= n && codes.size(3) == D * bits / 32, side, "_codes has shape ", codes.sizes(),
-                ", too small for ", n, " tokens");
-    TORCH_CHECK(scale.size(2) >= n && scale.size(3) == D / G, side, "_scale has shape ", scale.sizes());
+    TORCH_CHECK((G * bits) % 32 == 0, "group_size * bits must be a multiple of 32 for axis=-2");
+    TORCH_CHECK(codes.size(3) == D, side, "_codes has shape ", codes.sizes(), ", expected head dim ", D);
+    TORCH_CHECK(scale.size(3) == D, side, "_scale has shape ", scale.sizes(), ", expected head dim ", D);
+    return std::min(codes.size(2) * (32 / bits), scale.size(2) * G) / G * G;
   }
+  TORCH_CHECK(D % G == 0 && (D * bits) % 32 == 0, "group_size must divide D for axis=-1");
+  TORCH_CHECK(codes.size(3) == D * bits / 32, side, "_codes has shape ", codes.sizes(), ", expected ", D * bits / 32,
+              " words per token");
+  TORCH_CHECK(scale.size(3) == D / G, side, "_scale has shape ", scale.sizes(), ", expected ", D / G,
+              " groups per token");
+  return std::min(codes.size(2), scale.size(2));
 }
 
 template <typename T, int D>
@@ -349,9 +508,9 @@ void launch(const DecodeParams& p, int64_t B, int64_t H, int64_t rchunks, const 
   TOKOPS_LAUNCH(B * H * p.NQ, D < 256 ? D : 256, 0, stream, decode_merge_kernel<T>)(
       p.m_part, p.l_part, p.acc_part, out.data_ptr<T>(), lse.data_ptr<float>(), p.S, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (return_mass) {
+  if (return_mass && p.max_len > 0 && p.cap_q + p.cap_r > 0) {
     constexpr int TM = MassTile<D>::TM;
-    const int64_t nqb = cdiv(p.n_quant, TM), nrb = cdiv(p.n_res, TM);
+    const int64_t nqb = cdiv(p.cap_q, TM), nrb = cdiv(p.cap_r, TM);
     TOKOPS_LAUNCH(dim3(B * p.HKV, nqb + nrb), kThreads, 0, stream, decode_mass_kernel<T, D>)(p, lse.data_ptr<float>(),
                                                                                     mass.data_ptr<float>(), nqb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -361,8 +520,9 @@ void launch(const DecodeParams& p, int64_t B, int64_t H, int64_t rchunks, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_decode_attention_cuda(
     const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_scale, const at::Tensor& k_zero,
     const at::Tensor& v_codes, const at::Tensor& v_scale, const at::Tensor& v_zero, const at::Tensor& k_res,
-    const at::Tensor& v_res, int64_t n_quant, int64_t n_res, c10::string_view mode, int64_t bits_k, int64_t bits_v,
-    int64_t group_size, int64_t key_axis, int64_t value_axis, double scale, bool return_mass) {
+    const at::Tensor& v_res, const at::Tensor& n_quant, const at::Tensor& n_res, int64_t max_len,
+    c10::string_view mode, int64_t bits_k, int64_t bits_v, int64_t group_size, int64_t key_axis, int64_t value_axis,
+    double scale, bool return_mass) {
   TOKOPS_CHECK_CUDA(q);
   TOKOPS_CHECK_CONTIG(q);
   TORCH_CHECK(q.dim() == 4, "q must have 4 dims (B, H, nq, D), got ", q.sizes());
@@ -372,47 +532,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_decode_attention_cuda(
               "256; got D=", D);
   TORCH_CHECK(mode == "int" || mode == "fp8", "mode must be 'int' or 'fp8'");
   const bool fp8 = mode == "fp8";
+  for (const at::Tensor* n : {&n_quant, &n_res}) {
+    TOKOPS_CHECK_CUDA((*n));
+    TORCH_CHECK(n->scalar_type() == at::kInt && n->dim() == 1 && n->size(0) == B && n->is_contiguous(),
+                "n_quant / n_res must be contiguous int32 tensors of shape (B,) = (", B, ",), got ", n->sizes(), " ",
+                n->scalar_type());
+  }
+  TORCH_CHECK(max_len >= 0, "max_len must be >= 0, got ", max_len);
   TOKOPS_CHECK_CUDA(k_res);
   TOKOPS_CHECK_CUDA(v_res);
   TOKOPS_CHECK_CONTIG(k_res);
   TOKOPS_CHECK_CONTIG(v_res);
   TORCH_CHECK(k_res.scalar_type() == q.scalar_type() && v_res.scalar_type() == q.scalar_type(),
               "k_res / v_res must have q's dtype ", q.scalar_type());
-  TORCH_CHECK(k_res.dim() == 4 && k_res.sizes() == v_res.sizes() && k_res.size(0) == B && k_res.size(3) == D &&
-                  k_res.size(2) >= n_res, "k_res / v_res must have shape (B, H_kv, >= n_res, D), got ", k_res.sizes());
+  TORCH_CHECK(k_res.dim() == 4 && k_res.sizes() == v_res.sizes() && k_res.size(0) == B && k_res.size(3) == D,
+              "k_res / v_res must have shape (B, H_kv, R, D), got ", k_res.sizes());
   const int64_t HKV = k_res.size(1);
   TORCH_CHECK(HKV > 0 && H % HKV == 0, "q heads (", H, ") must be a multiple of the kv heads (", HKV, ")");
-  TORCH_CHECK(n_quant >= 0 && n_res >= 0, "n_quant and n_res must be >= 0");
   TORCH_CHECK(group_size >= 4 && group_size <= 1024 && (group_size & (group_size - 1)) == 0,
               "group_size must be a power of two in [4, 1024], got ", group_size);
-  check_store(k_codes, k_scale, k_zero, "k", fp8, bits_k, group_size, key_axis, B, HKV, D, n_quant);
-  check_store(v_codes, v_scale, v_zero, "v", fp8, bits_v, group_size, value_axis, B, HKV, D, n_quant);
+  const int64_t cap_q = std::min(check_store(k_codes, k_scale, k_zero, "k", fp8, bits_k, group_size, key_axis, B, HKV, D),
+                                 check_store(v_codes, v_scale, v_zero, "v", fp8, bits_v, group_size, value_axis, B, HKV, D));
+  const int64_t cap_r = k_res.size(2);
+  // the tile fills use 128-bit loads of codes / residual rows and 64-bit loads of 4 fp16 scales
+  auto aligned = [](const at::Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; };
+  TORCH_CHECK(aligned(k_codes, 16) && aligned(v_codes, 16) && aligned(k_res, 16) && aligned(v_res, 16),
+              "k_codes / v_codes / k_res / v_res must be 16-byte aligned (a tensor's own storage, not an offset view)");
+  TORCH_CHECK(fp8 || (aligned(k_scale, 8) && aligned(k_zero, 8) && aligned(v_scale, 8) && aligned(v_zero, 8)),
+              "k_scale / k_zero / v_scale / v_zero must be 8-byte aligned");
   const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t L = n_quant + n_res;
   auto out = new_output(q.sizes(), q.options());
   auto lse = new_output({B, H, NQ}, q.options().dtype(at::kFloat));
-  auto mass = new_output({B, H, return_mass ? L : 0}, q.options().dtype(at::kFloat));
-  if (L == 0) {
-    out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse, mass};
-  }
+  auto mass = new_output({B, H, return_mass ? max_len : 0}, q.options().dtype(at::kFloat));
+  if (return_mass) mass.zero_();  // entries past a row's length stay 0
   const int64_t GQ = H / HKV;
   const int64_t rchunks = cdiv(GQ * NQ, kRows);
+  // the grid depends on (B, H_kv, capacities) only, never on the current lengths (CUDA graph replay)
   const int TT = int(2048 / D);
-  const int64_t n_tiles = cdiv(n_quant, TT);
+  const int64_t n_tiles = cdiv(cap_q, TT);
   int64_t qsplits = 0, chunk_q = TT;
-  if (n_quant) {
+  if (cap_q) {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int64_t want = std::max<int64_t>(1, cdiv(2 * sms, B * HKV * rchunks));
+    // >= 8 blocks per SM in the grid (issue 12; the kernel's resources let 8 be resident at D <= 128)
+    const int64_t want = std::max<int64_t>(1, cdiv(8 * sms, B * HKV * rchunks));
     const int64_t per = cdiv(n_tiles, std::min(n_tiles, want));
     chunk_q = per * TT;
-    qsplits = cdiv(n_quant, chunk_q);
+    qsplits = cdiv(cap_q, chunk_q);
   }
   const int64_t chunk_r = 256;
-  const int64_t rsplits = cdiv(n_res, chunk_r);
-  const int64_t S = qsplits + rsplits;
+  const int64_t rsplits = cdiv(cap_r, chunk_r);
+  const int64_t S = std::max<int64_t>(1, qsplits + rsplits);
   TORCH_CHECK(S < 65536, "too many splits (", S, ")");
+  TORCH_CHECK(cap_q < (int64_t(1) << 30) && cap_r < (int64_t(1) << 30) && cap_q * D < (int64_t(1) << 31),
+              "the CUDA decode kernel indexes tokens in 32 bits: capacity too large (", cap_q, ", ", cap_r, ")");
   auto fopt = q.options().dtype(at::kFloat);
   auto m_part = at::empty({B * H * NQ * S}, fopt);
   auto l_part = at::empty({B * H * NQ * S}, fopt);
@@ -444,9 +616,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_decode_attention_cuda(
   p.m_part = m_part.data_ptr<float>();
   p.l_part = l_part.data_ptr<float>();
   p.acc_part = acc_part.data_ptr<float>();
-  p.n_quant = n_quant;
-  p.n_res = n_res;
-  p.L = L;
+  p.n_quant = n_quant.data_ptr<int32_t>();
+  p.n_res = n_res.data_ptr<int32_t>();
+  p.cap_q = cap_q;
+  p.cap_r = cap_r;
+  p.max_len = max_len;
   p.NQ = int(NQ);
   p.GQ = int(GQ);
   p.HKV = int(HKV);
@@ -474,7 +648,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_decode_attention_cuda(
 
 TORCH_LIBRARY_FRAGMENT(tokops, m) {
   m.def("kv_decode_attention_cuda(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, "
-        "Tensor v_scale, Tensor v_zero, Tensor k_res, Tensor v_res, int n_quant, int n_res, str mode, int bits_k, "
+        "Tensor v_scale, Tensor v_zero, Tensor k_res, Tensor v_res, Tensor n_quant, Tensor n_res, int max_len, "
+        "str mode, int bits_k, "
         "int bits_v, int group_size, int key_axis, int value_axis, float scale, bool return_mass) "
         "-> (Tensor, Tensor, Tensor)");
 }

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import emu_build  # noqa: E402
 import test_attention as TA  # noqa: E402
 import test_kv_cache as TC  # noqa: E402
+import test_kv_decode_ragged as TR  # noqa: E402
 import test_kv_quant as TQ  # noqa: E402
 import test_merge as TM  # noqa: E402
 from tokops import _registry as reg  # noqa: E402
@@ -122,6 +123,33 @@ def test_decode_head_dims(cuda_api, D):
     cache = TC.QuantizedKVCache(4, 2, group_size=TC.G, residual=TC.R, key_axis=-1, value_axis=-2)
     TC._fill(cache, [70, 3], B=1, Hk=2, D=D)
     TC._check_against_oracle(TC._q(1, 4, 2, D), cache, "cuda")
+
+
+# ragged rows (per-row length tensors, issue 14): the very tests of tests/test_kv_decode_ragged.py
+@pytest.mark.parametrize("cfg", TR.CONFIGS, ids=TR.CFG_IDS)
+@pytest.mark.parametrize("nq", [1, 3])
+def test_decode_ragged_rows(cuda_api, cfg, nq):
+    TR.test_ragged_matches_oracle(EMU, cfg, nq)
+
+
+@pytest.mark.parametrize("H,Hk", [(4, 1), (6, 3)])
+def test_decode_ragged_gqa_without_mass(cuda_api_one_seed, H, Hk):
+    TR.test_ragged_gqa_without_mass(EMU, H, Hk)
+
+
+def test_decode_ragged_empty_residual_and_splits(cuda_api_one_seed, monkeypatch):
+    TR.test_ragged_rows_with_empty_residual(EMU)
+    TR.test_ragged_many_splits(EMU, monkeypatch)
+    TR.test_uniform_lengths_equal_public_decode(EMU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decode_ragged_half_precision(cuda_api_one_seed, dtype):
+    TR.test_ragged_half_precision(EMU, dtype)
+
+
+def test_decode_no_host_sync(cuda_api_one_seed):
+    TR.test_decode_call_makes_no_host_sync(EMU)
 
 
 # --------------------------------------------------------------------------- ToMe matching

@@ -10,10 +10,16 @@ tokens of store index ``j <= L - nq + i`` (so the last query sees everything, ea
 not see the later new tokens).  A query with no visible token (``L < nq - i``, e.g. an empty
 cache) returns 0 and LSE ``-inf``.
 
-Op ``tokops::kv_decode_attention`` takes the cache's buffers (capacity-sized; only the first
-``n_quant`` quantized and ``n_res`` residual tokens are read) and returns ``(out, lse, mass)``:
-``out (B, H, nq, D)`` in q's dtype, ``lse (B, H, nq)`` fp32 (natural log), ``mass (B, H, L)`` fp32
-(``sum_i P[b, h, i, j]``, the H2O score) or ``(B, H, 0)`` when not requested.
+Op ``tokops::kv_decode_attention`` takes the cache's buffers (capacity-sized) and **per-row lengths**
+``n_quant, n_res: int32 (B,)`` on q's device (ragged batches, issue 14): row ``b`` holds the quantized
+tokens ``[0, n_quant[b])`` in store order followed by the residual tokens ``[0, n_res[b])``, ``L_b =
+n_quant[b] + n_res[b]`` (``n_quant[b]`` a multiple of ``G`` when a store axis is -2; lengths past the
+buffers are clamped to them), and ``max_len >= max_b L_b`` (an int: the mass's last dim).  Query ``i``
+of row ``b`` sees ``j <= L_b - nq + i``; a query with nothing visible returns 0 and LSE ``-inf``.
+Returns ``(out, lse, mass)``: ``out (B, H, nq, D)`` in q's dtype, ``lse (B, H, nq)`` fp32 (natural
+log), ``mass (B, H, max_len)`` fp32 (``sum_i P[b, h, i, j]``, the H2O score, 0 at ``j >= L_b``) or
+``(B, H, 0)`` when not requested.  No host sync: the lengths are only read on the device, and the
+Triton/CUDA launch grids depend on the buffer capacities, not on the lengths (CUDA-graph replay).
 
 Backends: ``torch`` dequantizes the valid tokens and runs dense fp32 attention (reference path);
 ``triton`` is the fused kernel (``triton_kernels/kv_decode.py``) that reads the packed codes and
@@ -61,9 +67,13 @@ def dequantize_store(codes, scale, zero, mode: str, bits: int, group_size: int, 
     return x.to(dtype)
 
 
-def dense_decode(q, k, v, scale: float, return_mass: bool = True):
+def dense_decode(q, k, v, scale: float, return_mass: bool = True, lengths: torch.Tensor | None = None):
     """Dense attention of ``q (B, H, nq, D)`` over ``k, v (B, H_kv, L, D)`` in q's dtype, with the
-    decode causal rule.  Returns ``(out, lse, mass)`` (mass ``(B, H, L)``, empty if not asked)."""
+    decode causal rule.  Returns ``(out, lse, mass)`` (mass ``(B, H, L)``, empty if not asked).
+
+    ``lengths``: optional per-row lengths ``(B,)`` (ragged rows): row ``b`` holds the tokens
+    ``[0, lengths[b])`` of ``k, v`` (the rest is ignored, its mass is 0) and query ``i`` sees
+    ``j <= lengths[b] - nq + i``."""
     B, H, nq, D = q.shape
     Hk, L = k.shape[1], k.shape[2]
     g = H // Hk
@@ -72,7 +82,13 @@ def dense_decode(q, k, v, scale: float, return_mass: bool = True):
     s = (q @ k.transpose(-1, -2)) * scale  # (B, H, nq, L)
     j = torch.arange(L, device=q.device)
     i = torch.arange(nq, device=q.device)
-    allowed = j[None, :] <= (L - nq + i)[:, None]
+    if lengths is None:
+        allowed = j[None, :] <= (L - nq + i)[:, None]
+    else:
+        lb = lengths.to(device=q.device, dtype=torch.int64)[:, None, None, None]  # (B, 1, 1, 1)
+        allowed = (j[None, None, None, :] < lb) & (j[None, None, None, :] <= lb - nq + i[None, None, :, None])
+        v = torch.where((j[None, :] < lb[:, 0, 0])[:, None, :, None], v, torch.zeros((), dtype=v.dtype,
+                                                                                     device=v.device))
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, -1) if L else torch.full((B, H, nq), float("-inf"), dtype=q.dtype, device=q.device)
     finite = torch.isfinite(lse)
@@ -83,14 +99,43 @@ def dense_decode(q, k, v, scale: float, return_mass: bool = True):
     return out, lse, mass
 
 
-def _torch_decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, n_quant, n_res, mode,
-                  bits_k, bits_v, group_size, key_axis, value_axis, scale, return_mass):
+def store_capacity(codes, scale, mode: str, bits: int, group_size: int, axis: int) -> int:
+    """Tokens the quantized store tensors ``codes``/``scale`` can hold (from their shapes)."""
+    if mode == "fp8" or axis == -1:
+        return codes.shape[2]
+    return min(codes.shape[2] * 32 // bits, scale.shape[2] * group_size) // group_size * group_size
+
+
+def gather_rows(kq, kr, n_quant, max_len):
+    """Per-row store order of ragged rows: ``(B, H_kv, max_len, D)`` whose token ``j`` of row ``b`` is
+    quantized token ``j`` (``kq``) for ``j < n_quant[b]``, else residual token ``j - n_quant[b]``
+    (``kr``); positions past the row's tokens hold clamped (finite) entries the caller masks."""
+    B, Hk, Qn, D = kq.shape
+    allk = torch.cat([kq, kr.to(kq.dtype)], 2)
+    n = allk.shape[2]
+    if n == 0:
+        return kq.new_zeros(B, Hk, max_len, D)
+    j = torch.arange(max_len, device=kq.device)[None, :]
+    nqb = n_quant.to(device=kq.device, dtype=torch.int64)[:, None]
+    idx = torch.where(j < nqb, j, Qn + j - nqb).clamp(0, n - 1)  # (B, max_len)
+    return allk.gather(2, idx[:, None, :, None].expand(B, Hk, max_len, D))
+
+
+def _torch_decode(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, n_quant, n_res, max_len,
+                  mode, bits_k, bits_v, group_size, key_axis, value_axis, scale, return_mass):
+    # no host sync: the store is dequantized up to min(capacity, max_len) tokens (a bound from shapes
+    # and ints only) and each row's tokens are gathered by its device-side lengths
     D = q.shape[-1]
-    kq = dequantize_store(k_codes, k_scale, k_zero, mode, bits_k, group_size, key_axis, n_quant, D)
-    vq = dequantize_store(v_codes, v_scale, v_zero, mode, bits_v, group_size, value_axis, n_quant, D)
-    k = torch.cat([kq, k_res[:, :, :n_res].float()], 2)
-    v = torch.cat([vq, v_res[:, :, :n_res].float()], 2)
-    out, lse, mass = dense_decode(q.float(), k, v, scale, return_mass)
+    cap = min(store_capacity(k_codes, k_scale, mode, bits_k, group_size, key_axis),
+              store_capacity(v_codes, v_scale, mode, bits_v, group_size, value_axis))
+    Qn = min(cap, -(-max_len // group_size) * group_size)
+    Rn = min(k_res.shape[2], max_len)
+    kq = dequantize_store(k_codes, k_scale, k_zero, mode, bits_k, group_size, key_axis, Qn, D)
+    vq = dequantize_store(v_codes, v_scale, v_zero, mode, bits_v, group_size, value_axis, Qn, D)
+    k = gather_rows(kq, k_res[:, :, :Rn].float(), n_quant, max_len)
+    v = gather_rows(vq, v_res[:, :, :Rn].float(), n_quant, max_len)
+    lengths = n_quant.to(torch.int64) + n_res.to(torch.int64)
+    out, lse, mass = dense_decode(q.float(), k, v, scale, return_mass, lengths=lengths)
     o = reg.new_output(q.shape, q.dtype, q.device)
     o.copy_(out)
     lse_o = reg.new_output(lse.shape, torch.float32, q.device)
@@ -109,7 +154,8 @@ def decode_attention_reference(q: torch.Tensor, cache: QuantizedKVCache, *, scal
         return (torch.zeros(B, H, nq, D, dtype=torch.float64), torch.full((B, H, nq), float("-inf"),
                 dtype=torch.float64), torch.zeros(B, H, 0, dtype=torch.float64))
     k, v = cache.dequantized(torch.float64)
-    return dense_decode(q.double().to(k.device), k, v, scale)
+    lengths = None if cache.is_uniform else cache.lengths()  # ragged rows: each row over its own tokens
+    return dense_decode(q.double().to(k.device), k, v, scale, lengths=lengths)
 
 
 # --------------------------------------------------------------------------- checks
@@ -147,18 +193,17 @@ def _check_decode(q, cache, scale, return_mass) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- op
-def _decode_fake(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, n_quant, n_res, mode,
+def _decode_fake(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, n_quant, n_res, max_len, mode,
                  bits_k, bits_v, group_size, key_axis, value_axis, scale, return_mass, backend):
     B, H, nq, D = q.shape
-    L = n_quant + n_res
     return (q.new_empty(q.shape), q.new_empty((B, H, nq), dtype=torch.float32),
-            q.new_empty((B, H, L if return_mass else 0), dtype=torch.float32))
+            q.new_empty((B, H, max_len if return_mass else 0), dtype=torch.float32))
 
 
 _decode_op = reg.define(
     "kv_decode_attention",
     "(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, Tensor v_scale, Tensor v_zero, "
-    "Tensor k_res, Tensor v_res, int n_quant, int n_res, str mode, int bits_k, int bits_v, int group_size, "
+    "Tensor k_res, Tensor v_res, Tensor n_quant, Tensor n_res, int max_len, str mode, int bits_k, int bits_v, int group_size, "
     "int key_axis, int value_axis, float scale, bool return_mass, str backend) -> (Tensor, Tensor, Tensor)",
     _decode_fake)
 reg.implements("kv_decode_attention", "torch", _torch_decode)
@@ -204,7 +249,7 @@ def decode_attention(q: torch.Tensor, cache: QuantizedKVCache, *, scale: float |
         return res[0] if len(res) == 1 else tuple(res)
     t = cache.tensors()
     out, lse, mass = _decode_op(q, t["k_codes"], t["k_scale"], t["k_zero"], t["v_codes"], t["v_scale"],
-                                t["v_zero"], t["k_res"], t["v_res"], cache.n_quant, cache.n_res, cache.mode,
+                                t["v_zero"], t["k_res"], t["v_res"], t["n_quant"], t["n_res"], len(cache), cache.mode,
                                 cache.bits_k, cache.bits_v, cache.group_size, cache.key_axis, cache.value_axis,
                                 scale, return_mass, be)
     res = [out]

@@ -24,6 +24,22 @@ Each layer holds one :class:`tokops.kv.QuantizedKVCache`.  Two ways to attend:
 * ``fused=True`` with ``attn_implementation="tokops_kv"`` (registered by importing this module):
   decode steps (``q_len <= 8``, no padding mask) run :func:`tokops.kv.decode_attention` on the
   packed codes; prefill and masked steps fall back to dequantize + SDPA.
+
+**Left-padded prompts without the padding** (issue 14): call ``cache.set_padding(attention_mask)``
+with the prompt's 2-D mask before ``generate``.  Each layer's prefill then appends only the real
+tokens of each row (``QuantizedKVCache.append(lengths=)``: a ragged cache; padding is never
+quantized, stored or attended), decode steps append one token per row, and ``update`` hands the
+model K/V in the left-padded layout the model's mask expects (zeros in the padding).  The fused
+decode then reads each row's own length and never looks at the mask (no host sync); without
+``set_padding`` a padded batch takes the dequantize + SDPA path in its decode steps (the mask is
+never read on the host).
+Beam search (the mask is repeated with the rows) and ``crop`` (per row) work there too.
+
+Host syncs: none per token in the cache methods; ``reorder_cache`` / ``batch_select_indices``
+check an index on the device with ``torch._assert_async`` (an out-of-range row is a device-side
+assert on a GPU, as the row gather itself would be), an index on the CPU is checked at once; a
+bool mask given to ``batch_select_indices`` is converted with ``nonzero`` (one sync: it is not a
+per-token path of beam search).
 """
 
 from __future__ import annotations
@@ -74,6 +90,33 @@ class TokopsQuantizedLayer(DynamicLayer):
         self.backend = backend
         self.fused = fused
         self.kv = QuantizedKVCache(**self.cache_kwargs)
+        self._pad_mask = None  # (B, P) bool: the prompt's real tokens, until the prefill consumed it
+        self.padding_free = False  # the prompt's padding was dropped: the kv cache is ragged
+
+    def set_padding(self, attention_mask: torch.Tensor) -> None:
+        """The next prefill (``P = attention_mask.shape[1]`` tokens into an empty layer) stores only the
+        tokens where ``attention_mask`` is nonzero (left padding); see the module docstring."""
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be a 2-D (batch, prompt length) tensor, got "
+                             f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+        if self.kv.budget is not None:
+            raise ValueError("set_padding: dropping the padding is not supported with budget (H2O eviction): "
+                             "the left-padded view of the rows needs every token")
+        if self.kv.initialized:
+            raise ValueError("set_padding must be called before the prompt is appended (the layer is not empty)")
+        self._pad_mask = attention_mask != 0
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """Store-order ``x (B, H, W, D)`` of a padding-free cache -> the left-padded layout
+        ``(B, H, seq_length, D)``: row ``b``'s tokens at the right end, zeros before them."""
+        N = self.kv.seq_length
+        L = self.kv.lengths().to(torch.int64)[:, None]  # (B, 1)
+        p = torch.arange(N, device=x.device)[None, :]
+        j = p - (N - L)  # store index of padded position p
+        idx = j.clamp(0, max(x.shape[2] - 1, 0))
+        B, H, _, D = x.shape
+        out = x.gather(2, idx[:, None, :, None].expand(B, H, N, D)) if x.shape[2] else x.new_zeros(B, H, N, D)
+        return torch.where((j >= 0)[:, None, :, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -82,7 +125,25 @@ class TokopsQuantizedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.kv.append(key_states.contiguous(), value_states.contiguous())
+        lengths = None
+        m = self._pad_mask
+        if m is not None and not self.kv.initialized and key_states.shape[-2] == m.shape[1]:
+            B = key_states.shape[0]
+            if m.shape[0] != B and B % m.shape[0] == 0:  # generate expanded the rows (beams) after set_padding
+                m = m.repeat_interleave(B // m.shape[0], 0)
+            if m.shape[0] != B:
+                raise ValueError(f"set_padding: attention_mask has {m.shape[0]} rows, the prompt has {B}")
+            m = m.to(key_states.device)
+            # each row's real tokens first, in order (a stable sort of the mask), then its padding
+            order = (~m).to(torch.int8).argsort(dim=-1, stable=True)
+            gi = order[:, None, :, None].expand_as(key_states)
+            key_states, value_states = key_states.gather(2, gi), value_states.gather(2, gi)
+            lengths = m.sum(-1)
+            self._pad_mask = None
+            self.padding_free = True
+        elif self.padding_free:
+            lengths = None  # decode steps: every row appends its new tokens
+        self.kv.append(key_states.contiguous(), value_states.contiguous(), lengths=lengths)
         if self.fused and key_states.shape[-2] <= MAX_NQ:
             # the fused attention reads the packed cache itself: hand it a marker instead of K/V
             marker = torch.Tensor._make_subclass(
@@ -90,10 +151,13 @@ class TokopsQuantizedLayer(DynamicLayer):
             marker._tokops_layer = self
             return marker, marker
         k, v = self.kv.dequantized(key_states.dtype)
+        if self.padding_free:
+            k, v = self._padded(k), self._padded(v)
         return k, v
 
     def get_seq_length(self) -> int:
-        return len(self.kv)
+        # padding-free: the model's (left-padded) length, padding included
+        return self.kv.seq_length if self.padding_free else len(self.kv)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -104,6 +168,7 @@ class TokopsQuantizedLayer(DynamicLayer):
     def reset(self) -> None:
         self.kv = QuantizedKVCache(**self.cache_kwargs)
         self.is_initialized = False
+        self._pad_mask, self.padding_free = None, False
 
     def _batch_index(self, name: str, index) -> torch.Tensor | None:
         """``index`` as an int64 row index checked against the batch size (``None``: empty cache)."""
@@ -125,12 +190,18 @@ class TokopsQuantizedLayer(DynamicLayer):
             B = self.kv._shape[0]
             self.kv.select_batch(torch.arange(B, device=self.kv.device).repeat_interleave(repeats))
 
-    def _crop_length(self, tokens_to_remove: int) -> int:
+    def _crop_length(self, tokens_to_remove: int):
+        """The ``truncate`` argument: an int, or per-row lengths ``(B,)`` for a ragged cache."""
         check_int("tokens_to_remove", tokens_to_remove)
         n = self.kv.seq_length
         if tokens_to_remove < 0:  # transformers >= 5.2x: remove that many of the last tokens
-            return max(0, n + tokens_to_remove)
-        return n if tokens_to_remove == 0 else tokens_to_remove  # > 0: the legacy absolute max_length
+            target = max(0, n + tokens_to_remove)
+        else:
+            target = n if tokens_to_remove == 0 else tokens_to_remove  # > 0: the legacy absolute max_length
+        if self.kv.initialized and not self.kv.is_uniform and target < n:
+            # ragged rows (e.g. padding-free): every row drops the same last n - target tokens
+            return (self.kv.seq_lengths() - (n - target)).clamp(min=0)
+        return target
 
     def crop(self, tokens_to_remove: int) -> None:
         """``tokens_to_remove < 0``: drop the last ``-tokens_to_remove`` tokens; ``0``: no-op; ``> 0``:
@@ -186,6 +257,14 @@ class TokopsQuantizedCache(Cache):
         check_int("repeats", repeats, min_value=1)
         super().batch_repeat_interleave(repeats)
 
+    def set_padding(self, attention_mask: torch.Tensor) -> None:
+        """Drop the prompt's padding in every layer (call before ``generate`` with its
+        ``attention_mask``); see the module docstring."""
+        if self.layer_class_to_replicate is not None:
+            raise ValueError("set_padding needs the layers up front: make the cache with num_layers=")
+        for layer in self.layers:
+            layer.set_padding(attention_mask)
+
     def crop(self, tokens_to_remove: int) -> None:
         """Roll back every layer (speculative decoding); see :meth:`TokopsQuantizedLayer.crop`."""
         lengths = [layer._crop_length(tokens_to_remove) for layer in self.layers]
@@ -218,18 +297,14 @@ def _batch_index(name: str, index, batch: int) -> torch.Tensor:
     index = index.to(torch.int64)
     if index.numel() == 0:
         raise ValueError(f"{name} must select at least one batch row, got an empty index")
-    lo, hi = int(index.min()), int(index.max())
-    if lo < 0 or hi >= batch:
-        raise ValueError(f"{name} must hold batch rows in [0, {batch}), got values in [{lo}, {hi}]")
+    if index.device.type == "cpu":  # checked now: no device sync
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= batch:
+            raise ValueError(f"{name} must hold batch rows in [0, {batch}), got values in [{lo}, {hi}]")
+    elif not torch.compiler.is_compiling():
+        # beam search reorders every step: checked on the device, no host sync (a device-side assert)
+        torch._assert_async(((index >= 0) & (index < batch)).all(), f"{name} must hold batch rows in [0, {batch})")
     return index
-
-
-def _mask_allows_all(mask) -> bool:
-    if mask is None:
-        return True
-    if mask.dtype == torch.bool:
-        return bool(mask.all())
-    return bool((mask == 0).all())
 
 
 def tokops_kv_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -239,7 +314,10 @@ def tokops_kv_attention_forward(module, query, key, value, attention_mask, dropo
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if _mask_allows_all(attention_mask):
+    # padding-free rows: the mask only marks padding the cache never stored -- per-row lengths suffice.
+    # Otherwise the fused path runs when transformers passes no mask (no padding: its mask function
+    # returns None for decode steps); a mask is not read on the host (no sync): dequantize + SDPA.
+    if layer.padding_free or attention_mask is None:
         out = decode_attention(query.contiguous(), layer.kv, scale=scaling, backend=layer.backend)
         return out.transpose(1, 2).contiguous(), None
     k, v = layer.kv.dequantized(query.dtype)

@@ -167,25 +167,47 @@ def quantize(x: torch.Tensor, bits: int = 4, group_size: int = 32, axis: int = -
     whose scale is fp32, or scale the input).  That check reads one flag on the host (skipped under
     ``torch.compile``); fp16 inputs can never trigger it.
     """
+    qt = quantize_unchecked(x, bits, group_size, axis, backend=backend)
+    check_fp16_range(x, qt.scale, qt.zero, bits)
+    return qt
+
+
+def quantize_unchecked(x: torch.Tensor, bits: int = 4, group_size: int = 32, axis: int = -1, *,
+                       backend: str = "auto") -> QuantizedTensor:
+    """:func:`quantize` without the fp16-range check (no host sync at all): for callers that check
+    the range themselves with :func:`fp16_overflow` at a point of their choosing (the KV cache keeps
+    a device-side flag, see :class:`tokops.kv.QuantizedKVCache`)."""
     x, axis = _check_quantize(x, bits, group_size, axis)
     be = reg.resolve_backend("kv_quantize", backend, x.device)
     codes, scale, zero = _quantize_op(x, bits, group_size, axis, be)
-    check_fp16_range(x, scale, zero, bits)
     return QuantizedTensor(codes, scale, zero, bits, group_size, axis, x.shape[axis], x.dtype)
+
+
+def fp16_overflow(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor | None:
+    """A 0-d bool tensor on ``x``'s device, true when a finite ``x`` overflowed the fp16
+    ``scale``/``zero`` of its groups (no host sync); ``None`` for fp16 ``x`` (it cannot overflow)
+    and meta tensors."""
+    if x.dtype == torch.float16 or x.device.type == "meta":
+        return None
+    return (torch.isinf(scale).any() | torch.isinf(zero).any()) & torch.isfinite(x).all()
+
+
+def fp16_overflow_error(amax: float, bits: int) -> ValueError:
+    return ValueError(
+        f"x: values up to |x| = {amax:.4g} overflow the fp16 scale/zero of {bits}-bit group quantization "
+        f"(a group's min must satisfy |min| < 65520 and its (max - min) / {(1 << bits) - 1} < 65520); "
+        f"use fp8 quantization (fp32 scales, mode='fp8' for a QuantizedKVCache) or scale the input down")
 
 
 def check_fp16_range(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> None:
     """Raise ``ValueError`` when a finite ``x`` overflowed the fp16 ``scale``/``zero`` of its groups
-    (one host sync; skipped under ``torch.compile`` and for fp16 ``x``, which cannot overflow)."""
-    if x.dtype == torch.float16 or torch.compiler.is_compiling() or x.device.type == "meta":
+    (one host sync; skipped under ``torch.compile`` and for fp16 ``x``, which cannot overflow).
+    Per-token callers that must not sync use :func:`fp16_overflow` (a device flag) instead."""
+    if torch.compiler.is_compiling():
         return
-    overflow = (torch.isinf(scale).any() | torch.isinf(zero).any()) & torch.isfinite(x).all()
-    if bool(overflow):
-        amax = float(x.abs().max())
-        raise ValueError(
-            f"x: values up to |x| = {amax:.4g} overflow the fp16 scale/zero of {bits}-bit group quantization "
-            f"(a group's min must satisfy |min| < 65520 and its (max - min) / {(1 << bits) - 1} < 65520); "
-            f"use fp8 quantization (fp32 scales, mode='fp8' for a QuantizedKVCache) or scale the input down")
+    overflow = fp16_overflow(x, scale, zero)
+    if overflow is not None and bool(overflow):
+        raise fp16_overflow_error(float(x.abs().max()), bits)
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None, *, backend: str = "auto") -> torch.Tensor:
