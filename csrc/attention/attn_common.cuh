@@ -54,6 +54,14 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return u;
 }
 
+// Half `hi` (0: low, 1: high) of a packed pair, as float.
+template <typename T>
+__device__ __forceinline__ float unpack_half(uint32_t u, int hi) {
+  T x[2];
+  memcpy(x, &u, 4);
+  return to_float(x[hi]);
+}
+
 __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;

@@ -380,7 +380,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(BwdParams p) {
         for (int j = 0; j < kNB; ++j)
 #pragma unroll
           for (int i = 0; i < 4; ++i) st[j][i] = 0.f;
-#pragma unroll
+#pragma unroll 1  // (a rolled k loop keeps ptxas from hoisting every fragment: no spills at D = 128)
         for (int kk = 0; kk < D / 16; ++kk) {
           uint32_t af[4];
           ptx::ldmatrix_x4(af, ks + swz<D>(wr + (lane & 15), 2 * kk + (lane >> 4)));
@@ -392,7 +392,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(BwdParams p) {
             mma16816<T>(st[2 * np + 1], af, bf[2], bf[3]);
           }
         }
-        // P^T (in place)
+        // P^T, rounded to T and packed as the A fragments of dV += P^T dO (16 registers instead of
+        // 32: with the dK and dV accumulators, D = 128 fits in 255 registers without spilling)
         const bool need_mask = k_first + 16 > p.nk || m_cur + kM > p.nq ||
                                (p.causal && k_first + 15 > m_cur + p.causal_off);
 #pragma unroll
@@ -404,18 +405,23 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(BwdParams p) {
             if (need_mask && (kj >= p.nk || (p.causal && kj > qi + p.causal_off))) pr = 0.f;
             st[j][i] = pr;
           }
+        uint32_t pa[kNB / 2][4];
+#pragma unroll
+        for (int kk = 0; kk < kNB / 2; ++kk) {
+          pa[kk][0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+          pa[kk][1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+          pa[kk][2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+          pa[kk][3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+        }
         // dV += P^T dO (dO as the k16 x n8 operand: ldmatrix.trans)
 #pragma unroll
         for (int kk = 0; kk < kNB / 2; ++kk) {
-          const uint32_t pa[4] = {pack2<T>(st[2 * kk][0], st[2 * kk][1]), pack2<T>(st[2 * kk][2], st[2 * kk][3]),
-                                  pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                  pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
 #pragma unroll
           for (int dd = 0; dd < D / 16; ++dd) {
             uint32_t bf[4];
             ptx::ldmatrix_x4_trans(bf, dos + swz<D>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dd + (lane >> 4)));
-            mma16816<T>(dv[2 * dd], pa, bf[0], bf[1]);
-            mma16816<T>(dv[2 * dd + 1], pa, bf[2], bf[3]);
+            mma16816<T>(dv[2 * dd], pa[kk], bf[0], bf[1]);
+            mma16816<T>(dv[2 * dd + 1], pa[kk], bf[2], bf[3]);
           }
         }
         // dP^T = V dO^T, then dS^T = P^T (dP^T - delta) (in place)
@@ -424,7 +430,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(BwdParams p) {
         for (int j = 0; j < kNB; ++j)
 #pragma unroll
           for (int i = 0; i < 4; ++i) dpt[j][i] = 0.f;
-#pragma unroll
+#pragma unroll 1
         for (int kk = 0; kk < D / 16; ++kk) {
           uint32_t af[4];
           ptx::ldmatrix_x4(af, vs + swz<D>(wr + (lane & 15), 2 * kk + (lane >> 4)));
@@ -440,7 +446,10 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(BwdParams p) {
         for (int j = 0; j < kNB; ++j)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            const float ds = st[j][i] * (dpt[j][i] - dls[8 * j + 2 * tg + (i & 1)]);
+            // dS^T from P^T as rounded to T for dV (one more rounding of P, relative 2^-9 fp16 /
+            // 2^-8 bf16, the order of dS's own rounding to T for the dK product)
+            const float pr = unpack_half<T>(pa[j / 2][2 * (j % 2) + (i >> 1)], i & 1);
+            const float ds = pr * (dpt[j][i] - dls[8 * j + 2 * tg + (i & 1)]);
             dbias[i >> 1] += ds;
             dpt[j][i] = ds;
           }

@@ -237,11 +237,26 @@ BWD_CASES = [  # (B, H, Hkv, Nq, Nk, D, block_q, block_k, causal, bias_dim, with
     (1, 2, 1, 150, 80, 128, 128, 64, True, 2, False),  # MQA, head dim 128, bottom-right causal with Nq > Nk
     (1, 2, 2, 70, 140, 64, 64, 128, True, None, True),  # Nq < Nk causal, mixed block sizes, no bias
 ]
+# several 64-row tiles per walk on both sides (the cp.async double buffers turn over); one seed per case
+BWD_PIPELINE_CASES = [
+    (1, 2, 1, 140, 170, 128, 128, 128, True, 2, False),  # GQA group of 2, causal with Nk > Nq, D 128
+    (1, 2, 1, 130, 333, 64, 64, 256, False, 3, True),  # MQA, 6 key tiles, 256-key mask blocks, ragged
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_attention_backward(cuda_backend, case, dtype):
+    _check_backward(cuda_backend, case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", BWD_PIPELINE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_attention_backward_pipeline(cuda_backend_one_seed, case, dtype):
+    _check_backward(cuda_backend_one_seed, case, dtype)
+
+
+def _check_backward(cuda_backend, case, dtype):
     B, H, Hkv, Nq, Nk, D, bq, bk, causal, bias_dim, with_dlse = case
     scale = D ** -0.5
     q, k, v, bias = TA._inputs(B, H, Hkv, Nq, Nk, D, dtype, "cpu", seed=Nq + D, bias_dim=bias_dim)
