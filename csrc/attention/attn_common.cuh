@@ -1,6 +1,7 @@
 // Shared pieces of the block-sparse attention CUDA kernels (forward: block_sparse_attn_cuda.cu,
 // backward: block_sparse_attn_bwd_cuda.cu): tile geometry, dtype conversions, warp reductions,
-// the 16-byte global -> shared tile copy, and the host-side argument checks both ops make.
+// the mma.sync building blocks (swizzled shared tiles filled by cp.async, the m16n8k16 wrapper,
+// fp32 -> fp16x2/bf16x2 packing), and the host-side argument checks both ops make.
 // Everything is in an anonymous namespace: each translation unit gets its own copy, as it had
 // before these were shared.
 #pragma once
@@ -9,7 +10,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
 #include "../common.h"
+#include "../ptx.cuh"
 
 namespace tokops {
 namespace attn {
@@ -30,6 +36,32 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Two floats rounded to T and packed into one 32-bit register (low half = `lo`): an mma.sync operand.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &h, 4);
+  return u;
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &h, 4);
+  return u;
+}
+
+// Half `hi` (0: low, 1: high) of a packed pair, as float.
+template <typename T>
+__device__ __forceinline__ float unpack_half(uint32_t u, int hi) {
+  T x[2];
+  memcpy(x, &u, 4);
+  return to_float(x[hi]);
+}
+
 __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
@@ -39,18 +71,34 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Copy `rows` x D elements (row stride `ld` in global memory) into a dense smem tile, zero-filling
-// rows past `valid`. 16-byte vector copies (D is a multiple of 8 and rows are 16-byte aligned).
-template <typename T, int D>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int rows, int valid) {
-  constexpr int kVec = 8;  // 8 x 16-bit = 16 bytes
-  constexpr int kPerRow = D / kVec;
-  for (int i = threadIdx.x; i < rows * kPerRow; i += kThreads) {
-    const int r = i / kPerRow, c = (i % kPerRow) * kVec;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (r < valid) val = *reinterpret_cast<const uint4*>(src + r * ld + c);
-    *reinterpret_cast<uint4*>(dst + r * D + c) = val;
+// ------------------------------------------------------------------------------ mma.sync building blocks
+// (FlashAttention-2-style kernels; all warp-level PTX through ptx.cuh, so they run under the emulator)
+// Element offset of 16-byte chunk `c` (8 elements) of row `r` in a swizzled tile with D columns.
+template <int D>
+__device__ __forceinline__ int swz(int r, int c) {
+  return r * D + ((c ^ (r & 7)) << 3);
+}
+
+// cp.async `rows` x D elements (row stride `ld`) into a swizzled tile; rows >= `valid` are zero-filled
+// without reading global memory (their source address is `safe`, 0 bytes copied).
+template <typename T, int D, int kRows, int kThr>
+__device__ __forceinline__ void cp_tile(T* dst, const T* src, int64_t ld, int valid, const T* safe) {
+  constexpr int kChunks = D / 8;
+  static_assert(kRows * kChunks % kThr == 0, "whole copies per thread");
+#pragma unroll
+  for (int it = 0; it < kRows * kChunks / kThr; ++it) {
+    const int i = it * kThr + int(threadIdx.x);
+    const int r = i / kChunks, c = i % kChunks;
+    const bool ok = r < valid;
+    ptx::cp_async_16_zfill(dst + swz<D>(r, c), ok ? src + int64_t(r) * ld + c * 8 : safe, ok ? 16 : 0);
   }
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const uint32_t b[2] = {b0, b1};
+  if constexpr (std::is_same_v<T, __half>) ptx::mma_m16n8k16_f16(d, a, b, d);
+  else ptx::mma_m16n8k16_bf16(d, a, b, d);
 }
 
 // ------------------------------------------------------------------------------ host-side checks
@@ -111,7 +159,7 @@ inline void check_key_bias(const at::Tensor& bias, int64_t B, int64_t H, int64_t
               "key_bias must be (B, Nk) or (B, H, Nk), got ", bias.sizes());
 }
 
-// The kernels use bf16 WMMA: sm_80 or newer (call under the device guard).
+// The kernels use bf16 mma.sync and cp.async: sm_80 or newer (call under the device guard).
 inline void check_sm80() {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(prop->major >= 8, "the block-sparse attention CUDA kernel needs sm_80 or newer, got sm_", prop->major,

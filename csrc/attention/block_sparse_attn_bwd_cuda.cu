@@ -5,27 +5,28 @@
 // FlashAttention-2 backward (Dao 2023), split into three kernels so that nothing needs atomics:
 //   1. delta kernel: one warp per query row, delta = sum_d dO*O (fp32) minus dlse when given.
 //   2. dQ kernel (query-block-major, same walk as the forward over kv_indices): one CTA (4 warps)
-//      owns 64 query rows of one (b, h); per 64-key sub-tile it recomputes S = Q K^T and
-//      dP = dO V^T, forms dS in shared memory and accumulates dQ += dS K in registers.
+//      owns 64 query rows of one (b, h).
 //   3. dK/dV kernel (key-block-major over the transposed mask q_num_blocks / q_indices): one CTA
 //      owns 64 keys of one (b, kv head) and loops over the query heads of its GQA group, so dK and
-//      dV of a KV head are summed in registers without races; per 64-query sub-tile it recomputes
-//      S^T = K Q^T and dP^T = V dO^T, forms P^T and dS^T, and accumulates dV += P^T dO,
-//      dK += dS^T Q and dbias (per query head, fp32) = row sums of dS^T.
-// Each warp owns 16 rows (queries in 2., keys in 3.). Products run on tensor cores (WMMA 16x16x16,
-// fp16/bf16 in, fp32 accumulate); the 16x16 score/dP blocks are staged through a per-warp fp32
-// scratch so that masking (ragged tails, causal j <= i + Nk - Nq, empty rows with lse = -inf)
-// is applied per element. P and dS are rounded to the input dtype for the products, as in the
-// Triton kernel and FlashAttention. Rows with no allowed key have lse = -inf and contribute
-// P = dS = 0 (never NaN). Supported: fp16/bf16, head dim 64 or 128, mask blocks that are multiples
-// of 64 (at most 256), sm_80+; the Python side routes every other case to the Triton kernel.
+//      dV of a KV head are summed in registers without races; dbias (per query head, fp32) = row
+//      sums of dS^T.
+// Both use the forward's design (issue 12): each warp owns 16 rows; mma.sync m16n8k16 (fp16/bf16
+// in, fp32 accumulate) with ldmatrix / ldmatrix.trans fragments from XOR-swizzled shared tiles
+// filled by cp.async (double-buffered over the walk, zero-filled past the ragged ends); S, dP, P and
+// dS never leave registers (the C fragments of S/dP are re-packed as the A fragments of the next
+// product) and the dQ / dK / dV accumulators stay in registers until the end. Masking (ragged tails,
+// causal j <= i + Nk - Nq, empty rows with lse = -inf -> P = dS = 0, never NaN) is applied per
+// element only in the tiles that need it. P and dS are rounded to the input dtype for the products,
+// as in the Triton kernel and FlashAttention. Supported: fp16/bf16, head dim 64 or 128, mask blocks
+// that are multiples of 64 (at most 256), sm_80+; the Python side routes every other case to the
+// Triton kernel. All warp-level PTX goes through csrc/ptx.cuh (runs under the CPU emulator).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include <climits>
+#include <limits>
 
 #include "../common.h"
 #include "attn_common.cuh"
@@ -33,7 +34,7 @@
 namespace tokops {
 namespace {
 
-using namespace attn;  // kBM, kBN, kThreads, kLog2e, conversions, warp reductions, load_tile, checks
+using namespace attn;  // kBM, kBN, kThreads, kLog2e, swizzled cp.async tiles, mma wrapper, checks
 
 struct BwdParams {
   const void* q;
@@ -78,321 +79,427 @@ __global__ void __launch_bounds__(kThreads) bwd_delta_kernel(BwdParams p, int64_
 }
 
 // ------------------------------------------------------------------------------------------- dQ
+// One CTA (4 warps) owns 64 query rows of one (b, h); each warp owns 16 rows. Q fragments stay in
+// registers, dO is read from shared memory (ldmatrix) to keep the register budget under 255 at
+// D = 128; K/V tiles are double-buffered by cp.async (Q is staged in the second buffer at the start).
+// Per 64-key tile: S = Q K^T and dP = dO V^T (mma.sync), P = exp2(S * scale * log2e + bias - lse),
+// dS = P (dP - delta) re-packed in registers as A fragments, dQ += dS K (K fragments from
+// ldmatrix.trans). dQ (16 x D fp32 per warp) is accumulated in registers and scaled at the end.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(BwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // bf16 WMMA needs sm_80; the host side refuses older GPUs
+  __trap();  // mma.sync bf16 and cp.async need sm_80; the host side refuses older GPUs
 #else
-  using namespace nvcuda;
-  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  constexpr int kThr = kThreads, kM = kBM, kN = kBN;
+  constexpr int kTile = kN * D;
+  constexpr int kNB = kN / 8, kDB = D / 8;
   TOKOPS_EXTERN_SHARED(unsigned char, smem_raw);
-  T* Qs = reinterpret_cast<T*>(smem_raw);  // kBM x D
-  T* DOs = Qs + kBM * D;                   // kBM x D
-  T* Ks = DOs + kBM * D;                   // kBN x D
-  T* Vs = Ks + kBN * D;                    // kBN x D
-  T* DSs = Vs + kBN * D;                   // kBM x kBN (dS, input dtype)
-  float* Scr = reinterpret_cast<float*>(DSs + kBM * kBN);  // 4 warps x 2 x 16 x 16 (S, dP blocks)
-  float* Lse2s = Scr + 4 * 2 * 256;                        // kBM: lse * log2(e), +inf for no-key rows
-  float* Deltas = Lse2s + kBM;                             // kBM
+  T* const smem = reinterpret_cast<T*>(smem_raw);  // [K0 V0][K1 V1][dO]; Q staged in [K1 V1]
+  T* const qs = smem + 2 * kTile;
+  T* const dos = smem + 4 * kTile;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int bh = blockIdx.x;
-  const int m0 = blockIdx.y * kBM;
-  const int64_t b = bh / p.H, h = bh % p.H, hk = h / p.group;
-  const T* qp = static_cast<const T*>(p.q) + b * p.sqb + h * p.sqh;
-  const T* dop = static_cast<const T*>(p.dout) + b * p.sdb + h * p.sdh;
+  const int g = lane >> 2, tg = lane & 3;
+  const int m0 = blockIdx.x * kM;
+  const int64_t b = blockIdx.z, h = blockIdx.y, hk = h / p.group;
+  const int64_t bh = b * p.H + h;
+  const T* q_bh = static_cast<const T*>(p.q) + b * p.sqb + h * p.sqh;
+  const T* do_bh = static_cast<const T*>(p.dout) + b * p.sdb + h * p.sdh;
   const T* kp = static_cast<const T*>(p.k) + b * p.skb + hk * p.skh;
   const T* vp = static_cast<const T*>(p.v) + b * p.svb + hk * p.svh;
   const float* bp = p.has_bias ? p.bias + b * p.sbb + h * p.sbh : nullptr;
+  const int wr = warp * 16;
+  const int r_first = m0 + wr, r_lo = r_first + g;  // this lane's rows: r_lo, r_lo + 8
 
-  load_tile<T, D>(Qs, qp + int64_t(m0) * p.sqn, p.sqn, kBM, p.nq - m0);
-  load_tile<T, D>(DOs, dop + int64_t(m0) * p.sdn, p.sdn, kBM, p.nq - m0);
-  for (int r = tid; r < kBM; r += kThreads) {
-    const int qi = m0 + r;
-    float l2 = INFINITY, dl = 0.f;
-    if (qi < p.nq) {
-      const float l = p.lse[int64_t(bh) * p.nq + qi];
-      if (l != -INFINITY) l2 = l * kLog2e;
-      dl = p.delta[int64_t(bh) * p.nq + qi];
-    }
-    Lse2s[r] = l2;
-    Deltas[r] = dl;
-  }
-  __syncthreads();
-
-  const int wr = warp * 16;  // this warp's first query row in the tile
-  float* Ss = Scr + warp * 512;
-  float* DPs = Ss + 256;
-  T* DSw = DSs + wr * kBN;
-
-  Acc dq_acc[D / 16];
+  // lse (base 2; +inf for rows without a key or past Nq: P = 0) and delta of this lane's two rows
+  float lse2[2], dlt[2];
 #pragma unroll
-  for (int j = 0; j < D / 16; ++j) wmma::fill_fragment(dq_acc[j], 0.f);
+  for (int r = 0; r < 2; ++r) {
+    const int qi = r_lo + 8 * r;
+    lse2[r] = INFINITY;
+    dlt[r] = 0.f;
+    if (qi < p.nq) {
+      const float l = p.lse[bh * p.nq + qi];
+      if (l != -INFINITY) lse2[r] = l * kLog2e;
+      dlt[r] = p.delta[bh * p.nq + qi];
+    }
+  }
 
   const int qblk = m0 / p.block_q;
   int nblk = p.kvn[b * p.snb + h * p.snh + qblk * p.snq];
   nblk = nblk < 0 ? 0 : (nblk > p.n_kblocks ? p.n_kblocks : nblk);
   const int32_t* row_blocks = p.kvi + b * p.sib + h * p.sih + qblk * p.siq;
-  const int lim_n = p.causal ? m0 + kBM - 1 + p.causal_off : p.nk - 1;  // last key any row may see
-  // element ownership inside a 16x16 block: row er, columns ec .. ec + 7
-  const int er = lane / 2, ec = (lane % 2) * 8;
-
-  for (int t = 0; t < nblk; ++t) {
-    const int kb = row_blocks[t];
-    if (kb < 0 || kb >= p.n_kblocks) continue;  // uniform over the CTA
-    for (int sub = 0; sub < p.block_k / kBN; ++sub) {
-      const int n0 = kb * p.block_k + sub * kBN;
-      if (n0 >= p.nk || n0 > lim_n) continue;  // uniform over the CTA
-      load_tile<T, D>(Ks, kp + int64_t(n0) * p.skn, p.skn, kBN, p.nk - n0);
-      load_tile<T, D>(Vs, vp + int64_t(n0) * p.svn, p.svn, kBN, p.nk - n0);
-      __syncthreads();
-
-#pragma unroll
-      for (int j = 0; j < kBN / 16; ++j) {
-        // S and dP for rows wr..wr+15, keys n0 + j*16 .. +15
-        Acc s_acc, dp_acc;
-        wmma::fill_fragment(s_acc, 0.f);
-        wmma::fill_fragment(dp_acc, 0.f);
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-          wmma::load_matrix_sync(a, Qs + wr * D + kk * 16, D);
-          wmma::load_matrix_sync(bt, Ks + j * 16 * D + kk * 16, D);
-          wmma::mma_sync(s_acc, a, bt, s_acc);
-          wmma::load_matrix_sync(a, DOs + wr * D + kk * 16, D);
-          wmma::load_matrix_sync(bt, Vs + j * 16 * D + kk * 16, D);
-          wmma::mma_sync(dp_acc, a, bt, dp_acc);
-        }
-        wmma::store_matrix_sync(Ss, s_acc, 16, wmma::mem_row_major);
-        wmma::store_matrix_sync(DPs, dp_acc, 16, wmma::mem_row_major);
-        __syncwarp();
-        const int row = wr + er, qi = m0 + row;
-        const float l2 = Lse2s[row], dl = Deltas[row];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int c = ec + e, kj = n0 + j * 16 + c;
-          const bool ok = kj < p.nk && qi < p.nq && l2 != INFINITY && (!p.causal || kj <= qi + p.causal_off);
-          float ds = 0.f;
-          if (ok) {
-            float x = Ss[er * 16 + c] * p.qk_scale;
-            if (p.has_bias) x += bp[kj] * kLog2e;
-            const float pr = exp2f(x - l2);
-            ds = pr * (DPs[er * 16 + c] - dl);
+  const int lim_n = p.causal ? m0 + kM - 1 + p.causal_off : p.nk - 1;
+  const int subs = p.block_k / kN;
+  int t_blk = 0, t_sub = 0;
+  auto next_tile = [&]() -> int {
+    while (t_blk < nblk) {
+      const int kb = row_blocks[t_blk];
+      if (kb >= 0 && kb < p.n_kblocks) {
+        const int n0 = kb * p.block_k + t_sub * kN;
+        if (n0 < p.nk && n0 <= lim_n) {
+          if (++t_sub == subs) {
+            t_sub = 0;
+            ++t_blk;
           }
-          DSw[er * kBN + j * 16 + c] = from_float<T>(ds);
-        }
-        __syncwarp();  // the scratch is overwritten by the next block
-      }
-
-      // dQ[wr:wr+16] += dS K
-#pragma unroll
-      for (int jd = 0; jd < D / 16; ++jd) {
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bk;
-          wmma::load_matrix_sync(a, DSw + kk * 16, kBN);
-          wmma::load_matrix_sync(bk, Ks + kk * 16 * D + jd * 16, D);
-          wmma::mma_sync(dq_acc[jd], a, bk, dq_acc[jd]);
+          return n0;
         }
       }
-      __syncthreads();  // Ks / Vs are overwritten by the next tile
+      t_sub = 0;
+      ++t_blk;
     }
-  }
+    return -1;
+  };
+  auto load_kv = [&](int buf, int n0) {
+    T* ks = smem + buf * 2 * kTile;
+    cp_tile<T, D, kN, kThr>(ks, kp + int64_t(n0) * p.skn, p.skn, p.nk - n0, kp);
+    cp_tile<T, D, kN, kThr>(ks + kTile, vp + int64_t(n0) * p.svn, p.svn, p.nk - n0, vp);
+  };
 
-  // stage dQ (fp32) in the K/V region (2 * kBN * D * sizeof(T) == kBM * D * sizeof(float))
-  float* stage = reinterpret_cast<float*>(Ks);
-#pragma unroll
-  for (int jd = 0; jd < D / 16; ++jd) {
-#pragma unroll
-    for (int e = 0; e < dq_acc[jd].num_elements; ++e) dq_acc[jd].x[e] *= p.scale;
-    wmma::store_matrix_sync(stage + wr * D + jd * 16, dq_acc[jd], D, wmma::mem_row_major);
-  }
+  cp_tile<T, D, kM, kThr>(qs, q_bh + int64_t(m0) * p.sqn, p.sqn, p.nq - m0, q_bh);
+  cp_tile<T, D, kM, kThr>(dos, do_bh + int64_t(m0) * p.sdn, p.sdn, p.nq - m0, do_bh);
+  int n_cur = next_tile();
+  if (n_cur >= 0) load_kv(0, n_cur);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
   __syncthreads();
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) ptx::ldmatrix_x4(qf[kk], qs + swz<D>(wr + (lane & 15), 2 * kk + (lane >> 4)));
+
+  float dq[kDB][4];
+#pragma unroll
+  for (int j = 0; j < kDB; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dq[j][i] = 0.f;
+
+  int buf = 0;
+  while (n_cur >= 0) {
+    const int n_next = next_tile();
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+    if (n_next >= 0) load_kv(buf ^ 1, n_next);
+    ptx::cp_async_commit();
+
+    if (!(p.causal && n_cur > r_first + 15 + p.causal_off)) {
+      const T* ks = smem + buf * 2 * kTile;
+      const T* vs = ks + kTile;
+      float s[kNB][4], dp[kNB][4];
+#pragma unroll
+      for (int j = 0; j < kNB; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[j][i] = dp[j][i] = 0.f;
+      // S = Q K^T, dP = dO V^T
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t df[4];
+        ptx::ldmatrix_x4(df, dos + swz<D>(wr + (lane & 15), 2 * kk + (lane >> 4)));
+#pragma unroll
+        for (int np = 0; np < kNB / 2; ++np) {
+          const int row = 16 * np + (lane & 7) + ((lane >> 4) << 3), chunk = 2 * kk + ((lane >> 3) & 1);
+          uint32_t kf[4], vf[4];
+          ptx::ldmatrix_x4(kf, ks + swz<D>(row, chunk));
+          ptx::ldmatrix_x4(vf, vs + swz<D>(row, chunk));
+          mma16816<T>(s[2 * np], qf[kk], kf[0], kf[1]);
+          mma16816<T>(s[2 * np + 1], qf[kk], kf[2], kf[3]);
+          mma16816<T>(dp[2 * np], df, vf[0], vf[1]);
+          mma16816<T>(dp[2 * np + 1], df, vf[2], vf[3]);
+        }
+      }
+      // P, dS (in place in dp)
+      const bool need_mask = n_cur + kN > p.nk || (p.causal && n_cur + kN - 1 > r_first + p.causal_off);
+#pragma unroll
+      for (int j = 0; j < kNB; ++j) {
+        float kb2[2] = {0.f, 0.f};
+        if (p.has_bias)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int kj = n_cur + 8 * j + 2 * tg + e;
+            kb2[e] = kj < p.nk ? bp[kj] * kLog2e : 0.f;
+          }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int kj = n_cur + 8 * j + 2 * tg + (i & 1), r = i >> 1;
+          float pr = exp2f(s[j][i] * p.qk_scale + kb2[i & 1] - lse2[r]);
+          if (need_mask && (kj >= p.nk || (p.causal && kj > r_lo + 8 * r + p.causal_off))) pr = 0.f;
+          dp[j][i] = pr * (dp[j][i] - dlt[r]);
+        }
+      }
+      // dQ += dS K (K as the k16 x n8 operand: ldmatrix.trans)
+#pragma unroll
+      for (int kk = 0; kk < kNB / 2; ++kk) {
+        const uint32_t da[4] = {pack2<T>(dp[2 * kk][0], dp[2 * kk][1]), pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
+                                pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                                pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+        for (int dd = 0; dd < D / 16; ++dd) {
+          uint32_t kf[4];
+          ptx::ldmatrix_x4_trans(kf, ks + swz<D>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dd + (lane >> 4)));
+          mma16816<T>(dq[2 * dd], da, kf[0], kf[1]);
+          mma16816<T>(dq[2 * dd + 1], da, kf[2], kf[3]);
+        }
+      }
+    }
+    n_cur = n_next;
+    buf ^= 1;
+  }
+  ptx::cp_async_wait<0>();
+
   T* dqp = static_cast<T*>(p.dq) + b * p.sqb + h * p.sqh;
-  for (int i = tid; i < kBM * D; i += kThreads) {
-    const int r = i / D, c = i % D, qi = m0 + r;
-    if (qi < p.nq) dqp[int64_t(qi) * p.sqn + c] = from_float<T>(stage[i]);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int qi = r_lo + 8 * r;
+    if (qi < p.nq) {
+      T* row = dqp + int64_t(qi) * p.sqn + 2 * tg;
+#pragma unroll
+      for (int j = 0; j < kDB; ++j)
+        *reinterpret_cast<uint32_t*>(row + 8 * j) = pack2<T>(dq[j][2 * r] * p.scale, dq[j][2 * r + 1] * p.scale);
+    }
   }
 #endif
 }
 
 // ---------------------------------------------------------------------------------- dK, dV, dbias
+// One CTA (4 warps) owns 64 keys of one (b, kv head); each warp owns 16 keys. K and V (64 x D) stay
+// in shared memory for the whole walk (A fragments by ldmatrix); the CTA loops over the query heads
+// of its GQA group and, per head, over the listed query blocks (q_num_blocks / q_indices) in 64-query
+// tiles: Q and dO tiles (and their lse / delta) double-buffered by cp.async. Per tile:
+// S^T = K Q^T, P^T = exp2(S^T * scale * log2e + bias - lse), dV += P^T dO (dO by ldmatrix.trans),
+// dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q (Q by ldmatrix.trans), dbias += row sums
+// of dS^T. dK and dV (16 x D fp32 each per warp) are accumulated in registers.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(BwdParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();
 #else
-  using namespace nvcuda;
-  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  constexpr int kThr = kThreads, kM = kBM, kN = kBN;
+  constexpr int kQTile = kM * D;
+  constexpr int kNB = kM / 8, kDB = D / 8;  // n8 blocks of S^T (queries), of dK / dV (D)
   TOKOPS_EXTERN_SHARED(unsigned char, smem_raw);
-  T* Ks = reinterpret_cast<T*>(smem_raw);  // kBN x D
-  T* Vs = Ks + kBN * D;                    // kBN x D
-  T* Qs = Vs + kBN * D;                    // kBM x D
-  T* DOs = Qs + kBM * D;                   // kBM x D
-  T* PTs = DOs + kBM * D;                  // kBN x kBM (P^T, input dtype)
-  T* DSTs = PTs + kBN * kBM;               // kBN x kBM (dS^T, input dtype)
-  float* Scr = reinterpret_cast<float*>(DSTs + kBN * kBM);  // 4 warps x 2 x 16 x 16
-  float* Lse2s = Scr + 4 * 2 * 256;                         // kBM
-  float* Deltas = Lse2s + kBM;                              // kBM
+  T* const ks = reinterpret_cast<T*>(smem_raw);  // kN x D
+  T* const vs = ks + kN * D;                     // kN x D
+  T* const qbuf = vs + kN * D;                   // 2 buffers x [Q, dO] (kM x D each)
+  float* const lbuf = reinterpret_cast<float*>(qbuf + 4 * kQTile);  // 2 buffers x [lse2, delta] (kM each)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int bhk = blockIdx.x;
-  const int n0 = blockIdx.y * kBN;
-  const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
+  const int g = lane >> 2, tg = lane & 3;
+  const int n0 = blockIdx.x * kN;
+  const int64_t b = blockIdx.z, hk = blockIdx.y;
   const T* kp = static_cast<const T*>(p.k) + b * p.skb + hk * p.skh;
   const T* vp = static_cast<const T*>(p.v) + b * p.svb + hk * p.svh;
+  const int wr = warp * 16;
+  const int k_first = n0 + wr, k_lo = k_first + g;  // this lane's keys: k_lo, k_lo + 8
 
-  load_tile<T, D>(Ks, kp + int64_t(n0) * p.skn, p.skn, kBN, p.nk - n0);
-  load_tile<T, D>(Vs, vp + int64_t(n0) * p.svn, p.svn, kBN, p.nk - n0);
-  // (the first __syncthreads of the loop below orders these loads before any use)
+  cp_tile<T, D, kN, kThr>(ks, kp + int64_t(n0) * p.skn, p.skn, p.nk - n0, kp);
+  cp_tile<T, D, kN, kThr>(vs, vp + int64_t(n0) * p.svn, p.svn, p.nk - n0, vp);
+  ptx::cp_async_commit();  // waited for with the first query tile
 
-  const int wr = warp * 16;  // this warp's first key in the tile
-  float* Ss = Scr + warp * 512;
-  float* DPs = Ss + 256;
-  T* PTw = PTs + wr * kBM;
-  T* DSTw = DSTs + wr * kBM;
-  const int er = lane / 2, ec = (lane % 2) * 8;  // key row er, query columns ec .. ec + 7
-  const int kj = n0 + wr + er;                   // the key this lane's elements belong to
-
-  Acc dk_acc[D / 16], dv_acc[D / 16];
+  float dk[kDB][4], dv[kDB][4];
 #pragma unroll
-  for (int j = 0; j < D / 16; ++j) {
-    wmma::fill_fragment(dk_acc[j], 0.f);
-    wmma::fill_fragment(dv_acc[j], 0.f);
-  }
+  for (int j = 0; j < kDB; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dk[j][i] = dv[j][i] = 0.f;
 
   const int kblk = n0 / p.block_k;
-  // causal: a query tile starting at m0 sees a key of this tile only if m0 + kBM - 1 + off >= n0
-  const int lim_m = p.causal ? n0 - (kBM - 1) - p.causal_off : INT_MIN;
+  // causal: a query tile starting at m0 sees a key of this CTA only if m0 + kM - 1 + off >= n0
+  const int lim_m = p.causal ? n0 - (kM - 1) - p.causal_off : INT_MIN;
+  const int subs = p.block_q / kM;
 
-  for (int g = 0; g < p.group; ++g) {
-    const int64_t h = hk * p.group + g;
+  for (int gi = 0; gi < p.group; ++gi) {
+    const int64_t h = hk * p.group + gi;
     const int64_t bh = b * p.H + h;
-    const float bias2 = (p.has_bias && kj < p.nk) ? p.bias[b * p.sbb + h * p.sbh + kj] * kLog2e : 0.f;
-    float dbias_part = 0.f;
+    const T* q_bh = static_cast<const T*>(p.q) + b * p.sqb + h * p.sqh;
+    const T* do_bh = static_cast<const T*>(p.dout) + b * p.sdb + h * p.sdh;
+    float kb2[2];  // key bias * log2(e) of this lane's two keys
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      kb2[r] = (p.has_bias && k_lo + 8 * r < p.nk) ? p.bias[b * p.sbb + h * p.sbh + k_lo + 8 * r] * kLog2e : 0.f;
+    float dbias[2] = {0.f, 0.f};
     int nblk = p.qn[b * p.tnb + h * p.tnh + kblk * p.tnk];
     nblk = nblk < 0 ? 0 : (nblk > p.n_qblocks ? p.n_qblocks : nblk);
     const int32_t* col_blocks = p.qi + b * p.tib + h * p.tih + kblk * p.tik;
-    for (int t = 0; t < nblk; ++t) {
-      const int qb = col_blocks[t];
-      if (qb < 0 || qb >= p.n_qblocks) continue;  // uniform over the CTA
-      for (int sub = 0; sub < p.block_q / kBM; ++sub) {
-        const int m0 = qb * p.block_q + sub * kBM;
-        if (m0 >= p.nq || m0 < lim_m) continue;  // uniform over the CTA
-        __syncthreads();  // previous tile's Qs / DOs / Lse2s / Deltas are no longer read
-        const T* qp = static_cast<const T*>(p.q) + b * p.sqb + h * p.sqh + int64_t(m0) * p.sqn;
-        const T* dop = static_cast<const T*>(p.dout) + b * p.sdb + h * p.sdh + int64_t(m0) * p.sdn;
-        load_tile<T, D>(Qs, qp, p.sqn, kBM, p.nq - m0);
-        load_tile<T, D>(DOs, dop, p.sdn, kBM, p.nq - m0);
-        for (int r = tid; r < kBM; r += kThreads) {
-          const int qi = m0 + r;
-          float l2 = INFINITY, dl = 0.f;
-          if (qi < p.nq) {
-            const float l = p.lse[bh * p.nq + qi];
-            if (l != -INFINITY) l2 = l * kLog2e;
-            dl = p.delta[bh * p.nq + qi];
-          }
-          Lse2s[r] = l2;
-          Deltas[r] = dl;
-        }
-        __syncthreads();
-
-#pragma unroll 1  // (unrolling only adds register pressure next to the dK/dV accumulators)
-        for (int j = 0; j < kBM / 16; ++j) {
-          // S^T and dP^T for keys wr..wr+15, queries m0 + j*16 .. +15
-          Acc s_acc, dp_acc;
-          wmma::fill_fragment(s_acc, 0.f);
-          wmma::fill_fragment(dp_acc, 0.f);
-#pragma unroll
-          for (int kk = 0; kk < D / 16; ++kk) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-            wmma::load_matrix_sync(a, Ks + wr * D + kk * 16, D);
-            wmma::load_matrix_sync(bt, Qs + j * 16 * D + kk * 16, D);
-            wmma::mma_sync(s_acc, a, bt, s_acc);
-            wmma::load_matrix_sync(a, Vs + wr * D + kk * 16, D);
-            wmma::load_matrix_sync(bt, DOs + j * 16 * D + kk * 16, D);
-            wmma::mma_sync(dp_acc, a, bt, dp_acc);
-          }
-          wmma::store_matrix_sync(Ss, s_acc, 16, wmma::mem_row_major);
-          wmma::store_matrix_sync(DPs, dp_acc, 16, wmma::mem_row_major);
-          __syncwarp();
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            const int c = ec + e, col = j * 16 + c, qi = m0 + col;
-            const float l2 = Lse2s[col];
-            const bool ok = kj < p.nk && qi < p.nq && l2 != INFINITY && (!p.causal || kj <= qi + p.causal_off);
-            float pr = 0.f, ds = 0.f;
-            if (ok) {
-              pr = exp2f(Ss[er * 16 + c] * p.qk_scale + bias2 - l2);
-              ds = pr * (DPs[er * 16 + c] - Deltas[col]);
+    int t_blk = 0, t_sub = 0;
+    auto next_tile = [&]() -> int {  // first query of the next tile, -1 when done
+      while (t_blk < nblk) {
+        const int qb = col_blocks[t_blk];
+        if (qb >= 0 && qb < p.n_qblocks) {
+          const int m0 = qb * p.block_q + t_sub * kM;
+          if (m0 < p.nq) {
+            if (++t_sub == subs) {
+              t_sub = 0;
+              ++t_blk;
             }
-            dbias_part += ds;
-            PTw[er * kBM + col] = from_float<T>(pr);
-            DSTw[er * kBM + col] = from_float<T>(ds);
+            if (m0 >= lim_m) return m0;
+            continue;
           }
-          __syncwarp();
         }
+        t_sub = 0;
+        ++t_blk;
+      }
+      return -1;
+    };
+    auto load_q = [&](int buf, int m0) {
+      T* qs = qbuf + buf * 2 * kQTile;
+      cp_tile<T, D, kM, kThr>(qs, q_bh + int64_t(m0) * p.sqn, p.sqn, p.nq - m0, q_bh);
+      cp_tile<T, D, kM, kThr>(qs + kQTile, do_bh + int64_t(m0) * p.sdn, p.sdn, p.nq - m0, do_bh);
+      float* ls = lbuf + buf * 2 * kM;
+      for (int i = tid; i < kM; i += kThr) {  // plain loads: visible after the next __syncthreads
+        const int qi = m0 + i;
+        float l2 = INFINITY, dl = 0.f;
+        if (qi < p.nq) {
+          const float l = p.lse[bh * p.nq + qi];
+          if (l != -INFINITY) l2 = l * kLog2e;
+          dl = p.delta[bh * p.nq + qi];
+        }
+        ls[i] = l2;
+        ls[kM + i] = dl;
+      }
+    };
 
-        // dV[wr:wr+16] += P^T dO ; dK[wr:wr+16] += dS^T Q
+    __syncthreads();  // the previous head's last tile is no longer read
+    int m_cur = next_tile();
+    if (m_cur >= 0) load_q(0, m_cur);
+    ptx::cp_async_commit();
+    int buf = 0;
+    while (m_cur >= 0) {
+      const int m_next = next_tile();
+      ptx::cp_async_wait<0>();
+      __syncthreads();
+      if (m_next >= 0) load_q(buf ^ 1, m_next);
+      ptx::cp_async_commit();
+
+      // a warp whose 16 keys no query of this tile sees (causal) skips the work
+      if (!(p.causal && k_first > m_cur + kM - 1 + p.causal_off)) {
+        const T* qs = qbuf + buf * 2 * kQTile;
+        const T* dos = qs + kQTile;
+        const float* l2s = lbuf + buf * 2 * kM;
+        const float* dls = l2s + kM;
+        // S^T = K Q^T (16 keys x 64 queries per warp)
+        float st[kNB][4];
 #pragma unroll
-        for (int jd = 0; jd < D / 16; ++jd) {
+        for (int j = 0; j < kNB; ++j)
 #pragma unroll
-          for (int kk = 0; kk < kBM / 16; ++kk) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bm;
-            wmma::load_matrix_sync(a, PTw + kk * 16, kBM);
-            wmma::load_matrix_sync(bm, DOs + kk * 16 * D + jd * 16, D);
-            wmma::mma_sync(dv_acc[jd], a, bm, dv_acc[jd]);
-            wmma::load_matrix_sync(a, DSTw + kk * 16, kBM);
-            wmma::load_matrix_sync(bm, Qs + kk * 16 * D + jd * 16, D);
-            wmma::mma_sync(dk_acc[jd], a, bm, dk_acc[jd]);
+          for (int i = 0; i < 4; ++i) st[j][i] = 0.f;
+#pragma unroll 1  // (a rolled k loop keeps ptxas from hoisting every fragment: no spills at D = 128)
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t af[4];
+          ptx::ldmatrix_x4(af, ks + swz<D>(wr + (lane & 15), 2 * kk + (lane >> 4)));
+#pragma unroll
+          for (int np = 0; np < kNB / 2; ++np) {
+            uint32_t bf[4];
+            ptx::ldmatrix_x4(bf, qs + swz<D>(16 * np + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)));
+            mma16816<T>(st[2 * np], af, bf[0], bf[1]);
+            mma16816<T>(st[2 * np + 1], af, bf[2], bf[3]);
+          }
+        }
+        // P^T, rounded to T and packed as the A fragments of dV += P^T dO (16 registers instead of
+        // 32: with the dK and dV accumulators, D = 128 fits in 255 registers without spilling)
+        const bool need_mask = k_first + 16 > p.nk || m_cur + kM > p.nq ||
+                               (p.causal && k_first + 15 > m_cur + p.causal_off);
+#pragma unroll
+        for (int j = 0; j < kNB; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int col = 8 * j + 2 * tg + (i & 1), qi = m_cur + col, kj = k_lo + 8 * (i >> 1);
+            float pr = exp2f(st[j][i] * p.qk_scale + kb2[i >> 1] - l2s[col]);
+            if (need_mask && (kj >= p.nk || (p.causal && kj > qi + p.causal_off))) pr = 0.f;
+            st[j][i] = pr;
+          }
+        uint32_t pa[kNB / 2][4];
+#pragma unroll
+        for (int kk = 0; kk < kNB / 2; ++kk) {
+          pa[kk][0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+          pa[kk][1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+          pa[kk][2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+          pa[kk][3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+        }
+        // dV += P^T dO (dO as the k16 x n8 operand: ldmatrix.trans)
+#pragma unroll
+        for (int kk = 0; kk < kNB / 2; ++kk) {
+#pragma unroll
+          for (int dd = 0; dd < D / 16; ++dd) {
+            uint32_t bf[4];
+            ptx::ldmatrix_x4_trans(bf, dos + swz<D>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dd + (lane >> 4)));
+            mma16816<T>(dv[2 * dd], pa[kk], bf[0], bf[1]);
+            mma16816<T>(dv[2 * dd + 1], pa[kk], bf[2], bf[3]);
+          }
+        }
+        // dP^T = V dO^T, then dS^T = P^T (dP^T - delta) (in place)
+        float dpt[kNB][4];
+#pragma unroll
+        for (int j = 0; j < kNB; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) dpt[j][i] = 0.f;
+#pragma unroll 1
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t af[4];
+          ptx::ldmatrix_x4(af, vs + swz<D>(wr + (lane & 15), 2 * kk + (lane >> 4)));
+#pragma unroll
+          for (int np = 0; np < kNB / 2; ++np) {
+            uint32_t bf[4];
+            ptx::ldmatrix_x4(bf, dos + swz<D>(16 * np + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)));
+            mma16816<T>(dpt[2 * np], af, bf[0], bf[1]);
+            mma16816<T>(dpt[2 * np + 1], af, bf[2], bf[3]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kNB; ++j)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            // dS^T from P^T as rounded to T for dV (one more rounding of P, relative 2^-9 fp16 /
+            // 2^-8 bf16, the order of dS's own rounding to T for the dK product)
+            const float pr = unpack_half<T>(pa[j / 2][2 * (j % 2) + (i >> 1)], i & 1);
+            const float ds = pr * (dpt[j][i] - dls[8 * j + 2 * tg + (i & 1)]);
+            dbias[i >> 1] += ds;
+            dpt[j][i] = ds;
+          }
+        // dK += dS^T Q (Q as the k16 x n8 operand: ldmatrix.trans)
+#pragma unroll
+        for (int kk = 0; kk < kNB / 2; ++kk) {
+          const uint32_t da[4] = {pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]), pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                  pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                                  pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+          for (int dd = 0; dd < D / 16; ++dd) {
+            uint32_t bf[4];
+            ptx::ldmatrix_x4_trans(bf, qs + swz<D>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dd + (lane >> 4)));
+            mma16816<T>(dk[2 * dd], da, bf[0], bf[1]);
+            mma16816<T>(dk[2 * dd + 1], da, bf[2], bf[3]);
           }
         }
       }
+      m_cur = m_next;
+      buf ^= 1;
     }
+    ptx::cp_async_wait<0>();  // the last (empty) group; with no tile at all, also K and V
     if (p.has_bias) {
-      const float total = dbias_part + __shfl_xor_sync(0xffffffffu, dbias_part, 1);
-      if (ec == 0 && kj < p.nk) p.dbias[bh * p.nk + kj] = total;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float tot = dbias[r];
+        tot += __shfl_xor_sync(0xffffffffu, tot, 1);
+        tot += __shfl_xor_sync(0xffffffffu, tot, 2);
+        const int kj = k_lo + 8 * r;
+        if (tg == 0 && kj < p.nk) p.dbias[bh * p.nk + kj] = tot;
+      }
     }
   }
-  __syncthreads();
 
-  // stage dK, then dV (fp32) in the Q/dO region (2 * kBM * D * sizeof(T) == kBN * D * sizeof(float))
-  float* stage = reinterpret_cast<float*>(Qs);
-#pragma unroll
-  for (int jd = 0; jd < D / 16; ++jd) {
-#pragma unroll
-    for (int e = 0; e < dk_acc[jd].num_elements; ++e) dk_acc[jd].x[e] *= p.scale;
-    wmma::store_matrix_sync(stage + wr * D + jd * 16, dk_acc[jd], D, wmma::mem_row_major);
-  }
-  __syncthreads();
   T* dkp = static_cast<T*>(p.dk) + b * p.skb + hk * p.skh;
-  for (int i = tid; i < kBN * D; i += kThreads) {
-    const int r = i / D, c = i % D, n = n0 + r;
-    if (n < p.nk) dkp[int64_t(n) * p.skn + c] = from_float<T>(stage[i]);
-  }
-  __syncthreads();
-#pragma unroll
-  for (int jd = 0; jd < D / 16; ++jd)
-    wmma::store_matrix_sync(stage + wr * D + jd * 16, dv_acc[jd], D, wmma::mem_row_major);
-  __syncthreads();
   T* dvp = static_cast<T*>(p.dv) + b * p.svb + hk * p.svh;
-  for (int i = tid; i < kBN * D; i += kThreads) {
-    const int r = i / D, c = i % D, n = n0 + r;
-    if (n < p.nk) dvp[int64_t(n) * p.svn + c] = from_float<T>(stage[i]);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int kj = k_lo + 8 * r;
+    if (kj < p.nk) {
+      T* krow = dkp + int64_t(kj) * p.skn + 2 * tg;
+      T* vrow = dvp + int64_t(kj) * p.svn + 2 * tg;
+#pragma unroll
+      for (int j = 0; j < kDB; ++j) {
+        *reinterpret_cast<uint32_t*>(krow + 8 * j) = pack2<T>(dk[j][2 * r] * p.scale, dk[j][2 * r + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(vrow + 8 * j) = pack2<T>(dv[j][2 * r], dv[j][2 * r + 1]);
+      }
+    }
   }
 #endif
-}
-
-template <int D, typename T>
-constexpr size_t smem_bytes() {
-  // 4 (q/k tiles) x 64 x D in T, 2 x 64 x 64 in T (the dkdv kernel's P^T and dS^T; the dq kernel
-  // uses one), per-warp fp32 scratch, lse2 and delta
-  return size_t(4) * 64 * D * sizeof(T) + size_t(2) * 64 * 64 * sizeof(T) + size_t(4 * 2 * 256) * sizeof(float) +
-         2 * 64 * sizeof(float);
 }
 
 template <typename T, int D>
@@ -403,17 +510,20 @@ void launch(const BwdParams& prm, int B, cudaStream_t stream) {
   TOKOPS_LAUNCH(unsigned(delta_blocks), kThreads, 0, stream, bwd_delta_kernel<T>)(prm, rows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const size_t smem = smem_bytes<D, T>();
+  // dQ: K/V double buffer (Q staged in the second) + the dO tile
+  const size_t smem_dq = size_t(5) * kBN * D * sizeof(T);
   auto dq_kernel = bwd_dq_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  dim3 grid_q(B * prm.H, (prm.nq + kBM - 1) / kBM);
-  TOKOPS_LAUNCH(grid_q, kThreads, smem, stream, dq_kernel)(prm);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_dq)));
+  dim3 grid_q((prm.nq + kBM - 1) / kBM, prm.H, B);
+  TOKOPS_LAUNCH(grid_q, kThreads, smem_dq, stream, dq_kernel)(prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
+  // dK/dV: K, V + double-buffered [Q, dO] + double-buffered [lse2, delta]
+  const size_t smem_kv = size_t(2) * kBN * D * sizeof(T) + size_t(4) * kBM * D * sizeof(T) + 4 * kBM * sizeof(float);
   auto dkdv_kernel = bwd_dkdv_kernel<T, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dkdv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  dim3 grid_k(B * prm.Hkv, (prm.nk + kBN - 1) / kBN);
-  TOKOPS_LAUNCH(grid_k, kThreads, smem, stream, dkdv_kernel)(prm);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(dkdv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_kv)));
+  dim3 grid_k((prm.nk + kBN - 1) / kBN, prm.Hkv, B);
+  TOKOPS_LAUNCH(grid_k, kThreads, smem_kv, stream, dkdv_kernel)(prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -451,9 +561,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_sparse_attn_bwd
     bias = *key_bias;
     check_key_bias(bias, B, H, Nk);
   }
-  TORCH_CHECK(B * H <= std::numeric_limits<int32_t>::max() && nQ * block_q / kBM <= 65535 &&
-                  nK * block_k / kBN <= 65535,
-              "the CUDA kernel takes at most 65535 64-row tiles per sequence");
+  TORCH_CHECK(B <= 65535 && H <= 65535, "the CUDA kernel takes at most 65535 batches and heads, got ", B, ", ", H);
   const at::Tensor dout = dout_in.contiguous();
   const at::Tensor out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();

@@ -215,16 +215,76 @@ def test_attention_forward(cuda_backend, case, dtype):
     assert (lse[~empty].double() - exp_lse[~empty]).abs().max() < 1e-2
 
 
+# The FlashAttention-2 design of the forward (issue 12): 4-warp (64-row) and 8-warp (128-row) CTAs,
+# several 64-key tiles per walk (the cp.async double buffer turns over), D 64 and 128, ragged ends.
+FWD_PIPELINE_CASES = [  # (B, H, Hkv, Nq, Nk, D, block_q, block_k, causal, bias_dim)
+    (1, 2, 1, 61, 333, 128, 64, 64, False, 3),  # 4 warps, D 128, 6 key tiles (ragged), MQA, per-head bias
+    (1, 4, 2, 200, 260, 128, 128, 128, True, 2),  # 8 warps, D 128, GQA, causal with Nk > Nq, batch bias
+    (1, 2, 2, 40, 45, 64, 128, 256, False, None),  # Nq < 64 with 128-row blocks: 4 warps; Nk < one tile
+    (1, 3, 3, 257, 257, 64, 256, 64, True, 3),  # 256-row mask blocks: two 8-warp CTAs per block
+    (2, 2, 1, 130, 190, 64, 128, 64, False, None),  # 8 warps, D 64, batch 2, MQA
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", FWD_PIPELINE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_attention_forward_pipeline(cuda_backend_one_seed, case, dtype):
+    B, H, Hkv, Nq, Nk, D, bq, bk, causal, bias_dim = case
+    q, k, v, bias = TA._inputs(B, H, Hkv, Nq, Nk, D, dtype, "cpu", seed=Nq * Nk + D, bias_dim=bias_dim)
+    dense = TA._random_dense(B, H, math.ceil(Nq / bq), math.ceil(Nk / bk), seed=Nk, density=0.7)
+    m = BlockMask.from_dense(dense, bq, bk, Nq, Nk)
+    scale = D ** -0.5
+    out, lse = cuda_backend_one_seed.block_sparse_attn_fwd_cuda(q, k, v, m.kv_num_blocks, m.kv_indices, bq, bk,
+                                                                causal, scale, bias)
+    args = (m.kv_num_blocks, m.kv_indices, bq, bk, causal, scale, bias)
+    exp_out, exp_lse = aref.attention(q, k, v, *args)
+    base_out, _ = aref.attention(q, k, v, *args, dtype=dtype)
+    assert out.dtype == dtype and out.shape == q.shape and lse.shape == (B, H, Nq)
+    assert not out.isnan().any() and not lse.isnan().any()
+    TA._check_close(out, exp_out, base_out, TA.FLOORS[dtype])
+    empty = torch.isinf(exp_lse)
+    assert torch.equal(torch.isinf(lse), empty) and (lse[empty] < 0).all() and (out[empty] == 0).all()
+    assert (~empty).any()
+    assert (lse[~empty].double() - exp_lse[~empty]).abs().max() < 1e-2
+
+
+def test_attention_forward_no_blocks_and_empty_queries(cuda_backend):
+    """Every count zero (nothing listed: out = 0, lse = -inf, no tile loaded) and Nq = 0 (no launch)."""
+    q, k, v, _ = TA._inputs(1, 2, 2, 70, 90, 64, torch.bfloat16, "cpu", seed=4)
+    m = BlockMask.from_dense(torch.zeros(1, 2, 2, 2, dtype=torch.bool), 64, 64, 70, 90)
+    op = cuda_backend.block_sparse_attn_fwd_cuda
+    out, lse = op(q, k, v, m.kv_num_blocks, m.kv_indices, 64, 64, True, 0.125, None)
+    assert (out == 0).all() and (lse == -math.inf).all()
+    num0, idx0 = torch.zeros(1, 2, 0, dtype=torch.int32), torch.zeros(1, 2, 0, 2, dtype=torch.int32)
+    out, lse = op(q[:, :, :0].contiguous(), k, v, num0, idx0, 64, 64, False, 0.125, None)
+    assert out.shape == (1, 2, 0, 64) and lse.shape == (1, 2, 0)
+
+
 BWD_CASES = [  # (B, H, Hkv, Nq, Nk, D, block_q, block_k, causal, bias_dim, with_dlse)
     (1, 4, 2, 100, 133, 64, 64, 64, False, 3, True),  # GQA, ragged, per-head bias, gradient through lse
     (1, 2, 1, 150, 80, 128, 128, 64, True, 2, False),  # MQA, head dim 128, bottom-right causal with Nq > Nk
     (1, 2, 2, 70, 140, 64, 64, 128, True, None, True),  # Nq < Nk causal, mixed block sizes, no bias
+]
+# several 64-row tiles per walk on both sides (the cp.async double buffers turn over); one seed per case
+BWD_PIPELINE_CASES = [
+    (1, 2, 1, 140, 170, 128, 128, 128, True, 2, False),  # GQA group of 2, causal with Nk > Nq, D 128
+    (1, 2, 1, 130, 333, 64, 64, 256, False, 3, True),  # MQA, 6 key tiles, 256-key mask blocks, ragged
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_attention_backward(cuda_backend, case, dtype):
+    _check_backward(cuda_backend, case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", BWD_PIPELINE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_attention_backward_pipeline(cuda_backend_one_seed, case, dtype):
+    _check_backward(cuda_backend_one_seed, case, dtype)
+
+
+def _check_backward(cuda_backend, case, dtype):
     B, H, Hkv, Nq, Nk, D, bq, bk, causal, bias_dim, with_dlse = case
     scale = D ** -0.5
     q, k, v, bias = TA._inputs(B, H, Hkv, Nq, Nk, D, dtype, "cpu", seed=Nq + D, bias_dim=bias_dim)
@@ -277,12 +337,14 @@ def test_attention_rejects_bad_input(cuda_backend):
         op(q, k, v, m.kv_num_blocks, m.kv_indices, 48, 64, False, 1.0, None)
 
 
-def test_attention_forward_bound_checks_block_indices(cuda_backend):
+@pytest.mark.parametrize("Nq,Nk,bq,bk", [(100, 150, 64, 64), (200, 300, 128, 128)])
+def test_attention_forward_bound_checks_block_indices(cuda_backend, Nq, Nk, bq, bk):
     """A mask whose values were never validated (``check_mask=False``, ``torch.compile``): block
     counts past the number of key blocks (or negative) are clamped and out-of-range indices
     (negative, huge) skipped by the kernel itself -- never read (ASan reports any read out of
-    bounds) -- and the result is attention over the listed valid blocks (issue 15)."""
-    B, H, Nq, Nk, D, bq, bk = 1, 2, 100, 150, 64, 64, 64  # 2 query blocks, 3 key blocks
+    bounds) -- and the result is attention over the listed valid blocks (issue 15). Both CTA
+    shapes (64 rows for 64-row mask blocks, 128 rows for 128-row blocks)."""
+    B, H, D = 1, 2, 64  # 2 query blocks, 3 key blocks
     q, k, v, _ = TA._inputs(B, H, H, Nq, Nk, D, torch.float16, "cpu", seed=11)
     idx = torch.tensor([[[1, -1, 100000000], [2, -100000000, 0]],
                         [[0, 5, 2], [-7, 1, 2]]], dtype=torch.int32)[None]
