@@ -465,3 +465,35 @@ def test_grid_does_not_depend_on_lengths():
     a = num_page_splits(4, 2, 64, torch.device("cpu"))
     assert a == num_page_splits(4, 2, 64, torch.device("cpu")) and a[0] * a[1] >= 64
     assert math.ceil(64 / a[1]) == a[0]
+
+
+def test_flashinfer_descriptors_round_trip():
+    """kv_indptr / kv_indices / kv_last_page_len describe the quantized pages; the CSR converts back to
+    the block table."""
+    from tokops.kv.paged import block_table_from_csr
+
+    c = PagedKVCache(12, 16, 1, 32, 3, max_pages_per_row=5, group_size=16, residual=16, dtype=torch.float32)
+    sim = Sim(c)
+    sim.step([40, 3, 70])
+    sim.step([1, 0, 9])
+    fi = c.flashinfer_indices()
+    ptr, idx, last = fi["kv_indptr"].tolist(), fi["kv_indices"].tolist(), fi["kv_last_page_len"].tolist()
+    for r in range(3):
+        n = ptr[r + 1] - ptr[r]
+        assert idx[ptr[r]:ptr[r + 1]] == c.pages_of(r)
+        assert (n - 1) * 16 + last[r] == c.n_quant(r) if n else last[r] == 0 and c.n_quant(r) == 0
+    assert torch.equal(block_table_from_csr(fi["kv_indptr"], fi["kv_indices"], 5), c.block_table)
+    with pytest.raises(ValueError, match="kv_indptr"):
+        block_table_from_csr(fi["kv_indptr"], fi["kv_indices"], 1)
+
+
+def test_docs_example_runs():
+    """docs/paged_kv.md: every fenced python block runs."""
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "paged_kv.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "docs/paged_kv.md", "exec"), {"__name__": "__docs__"})

@@ -371,11 +371,44 @@ class PagedKVCache:
         self.block_table[row] = -1
         self.lengths[row] = 0
 
+    def flashinfer_indices(self) -> dict:
+        """FlashInfer's paged-KV descriptors of the quantized pages (``docs/paged_kv.md``), built from the
+        host mirrors (no sync): ``kv_indptr (max_rows + 1,)``, ``kv_indices (sum of pages,)``,
+        ``kv_last_page_len (max_rows,)`` int32 on the cache's device; ``(kv_indptr[b+1] - kv_indptr[b] - 1)
+        * page_size + kv_last_page_len[b] == n_quant(b)`` (0 for a row without pages).  The residual
+        tokens (``lengths[b] - n_quant(b)``) are in the ring, not in pages."""
+        P = self.page_size
+        counts = [len(p) for p in self._pages]
+        indptr = [0]
+        for c in counts:
+            indptr.append(indptr[-1] + c)
+        indices = [pid for p in self._pages for pid in p]
+        last = [self.n_quant(r) - (c - 1) * P if c else 0 for r, c in enumerate(counts)]
+        as_t = lambda x: torch.tensor(x, dtype=torch.int32).to(self.device)  # noqa: E731
+        return {"kv_indptr": as_t(indptr), "kv_indices": as_t(indices), "kv_last_page_len": as_t(last)}
+
     def __repr__(self) -> str:
         what = "fp8" if self.mode == "fp8" else f"int{self.bits_k}/int{self.bits_v}"
         return (f"PagedKVCache({what}, pages={self.num_pages}x{self.page_size}, free={len(self._free)}, "
                 f"rows={self.max_rows}, layers={self.num_layers}, H_kv={self.num_kv_heads}, D={self.head_dim}, "
                 f"G={self.group_size}, R={self.residual})")
+
+
+def block_table_from_csr(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, max_pages: int) -> torch.Tensor:
+    """A padded block table ``(B, max_pages) int32`` (unused entries ``-1``) from FlashInfer-style CSR page
+    lists (``kv_indptr (B + 1,)``, ``kv_indices``), on the host (a scheduler-side conversion)."""
+    check_tensor("kv_indptr", kv_indptr, ndim=1, contiguous=False)
+    check_tensor("kv_indices", kv_indices, ndim=1, nonempty=False, contiguous=False)
+    check_int("max_pages", max_pages, min_value=1)
+    ptr, idx = kv_indptr.cpu().tolist(), kv_indices.cpu()
+    B = len(ptr) - 1
+    table = torch.full((B, max_pages), -1, dtype=torch.int32)
+    for b in range(B):
+        n = ptr[b + 1] - ptr[b]
+        if n < 0 or n > max_pages:
+            raise ValueError(f"kv_indptr: row {b} has {n} pages, expected 0..{max_pages} (max_pages)")
+        table[b, :n] = idx[ptr[b]:ptr[b + 1]].to(torch.int32)
+    return table.to(kv_indices.device)
 
 
 # --------------------------------------------------------------------------- pure torch
@@ -640,4 +673,4 @@ def paged_decode_reference(q: torch.Tensor, cache: PagedKVCache, layer: int = 0,
 
 
 __all__ = ["PagedKVCache", "PagePoolExhausted", "paged_decode_attention", "paged_decode", "paged_decode_reference",
-           "validate_block_table", "n_quant_of"]
+           "validate_block_table", "n_quant_of", "block_table_from_csr"]
