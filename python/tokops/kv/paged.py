@@ -234,7 +234,7 @@ class PagedKVCache:
             raise ValueError(f"n_new must have one count per row ({len(rows)}), got {len(n_new)}")
         for n in n_new:
             check_int("n_new[i]", n, min_value=0)
-        if self._plan is not None and len(self._plan.written) not in (0, self.num_layers):
+        if self._plan is not None and self._plan.n_max and len(self._plan.written) != self.num_layers:
             missing = sorted(set(range(self.num_layers)) - self._plan.written)
             raise RuntimeError(f"extend: the previous step's tokens were not written for layers {missing}")
         P, G, R, RC = self.page_size, self.group_size, self.residual, self.ring
@@ -293,7 +293,10 @@ class PagedKVCache:
             plan.r_dst = torch.cat(r_dst).to(dev)
         plan.rows_dev = torch.tensor(rows, dtype=torch.long).to(dev)
         self._plan = plan
-        self.block_table.copy_(self._table_host)
+        grown = [r for r in rows if new_pages[r]]
+        if grown:  # host -> device copies of the rows that got pages (never a device -> host read)
+            idx = torch.tensor(grown, dtype=torch.long)
+            self.block_table.index_copy_(0, idx.to(dev), self._table_host[idx].to(dev))
         self.lengths.copy_(torch.tensor(self._len, dtype=torch.int32))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -362,7 +365,7 @@ class PagedKVCache:
     def free_row(self, row: int) -> None:
         """The row finished: its pages go back to the free list, its length becomes 0 (host and device)."""
         check_int("row", row, min_value=0, max_value=self.max_rows - 1)
-        if self._plan is not None and len(self._plan.written) not in (0, self.num_layers):
+        if self._plan is not None and self._plan.n_max and len(self._plan.written) != self.num_layers:
             raise RuntimeError("free_row: finish the current step (write every layer) first")
         self._free.extend(reversed(self._pages[row]))
         self._pages[row] = []
