@@ -96,7 +96,7 @@ def _online_update(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr):
 
 @triton.jit
 def _paged_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, bt_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
-                          NQ, GQ, HKV, H, qk_scale, R, RC, bt_b,
+                          NQ, GQ, HKV, H, qk_scale, R, RC, bt_b, MPP,
                           kc_p, kc_h, ks_p, ks_h, vc_p, vc_h, vs_p, vs_h, kr_b, kr_h, vr_b, vr_h,
                           D, K_WD, V_WD, NGD, PPS, S_Q, S,
                           FP8: tl.constexpr, BITS_K: tl.constexpr, BITS_V: tl.constexpr, G: tl.constexpr,
@@ -122,7 +122,7 @@ def _paged_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, bt_ptr, len_ptr
     acc = tl.zeros((BM, BD), tl.float32)
     TPP: tl.constexpr = P // BN
     if split < S_Q:
-        npages = (nqt + P - 1) // P
+        npages = tl.minimum((nqt + P - 1) // P, MPP)  # never past the block table
         c0 = split * PPS
         c1 = tl.minimum(c0 + PPS, npages)
         n_it = tl.maximum(c1 - c0, 0) * TPP
@@ -271,7 +271,7 @@ def paged_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero
     common = dict(FP8=fp8, G=group_size, P=P, DOT_DTYPE=dot, BN=BN, BD=BD, NATIVE_FP8=not fp8 or native_fp8())
     _paged_partial_kernel[(B * HKV, S)](
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res, block_table, lengths,
-        m_part, l_part, acc_part, NQ, GQ, HKV, H, qk_scale, residual, RC, block_table.stride(0),
+        m_part, l_part, acc_part, NQ, GQ, HKV, H, qk_scale, residual, RC, block_table.stride(0), MPP,
         k_codes.stride(0), k_codes.stride(1), k_scale.stride(0), k_scale.stride(1),
         v_codes.stride(0), v_codes.stride(1), v_scale.stride(0), v_scale.stride(1),
         k_res.stride(0), k_res.stride(1), v_res.stride(0), v_res.stride(1),
