@@ -345,7 +345,7 @@ def kv_paged_decode_cases(quick: bool):
                 from tokops.triton_kernels import kv_paged_decode as m
 
                 # bench_kv_cache's paged rows: B=16 rows of up to 32k tokens, H=32, H_kv=8, D=128, G=32, R=128
-                B, H, HKV, D, G, R = 16, 32, 8, 128, 32, 128
+                B, H, HKV, D, G, R = 16, 32, 8, 128, min(32, P), 128  # P % G == 0
                 MPP = 32768 // P
                 NP = B * MPP
                 dt = torch.float16
