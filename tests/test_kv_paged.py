@@ -167,7 +167,7 @@ def test_fuzzed_appends_rows_finish_pages_reused(backend_device, cfg):
                      mode=mode, dtype=torch.float32, device=device, backend=backend if backend != "cuda" else "auto")
     sim = Sim(c, seed=rng.randrange(100))
     reused = False
-    for step in range(7):
+    for step in range(6):
         n_new = []
         for r in range(B):
             room = c.max_pages_per_row * P + R - c.length(r)  # never need more pages than a row may hold
