@@ -497,3 +497,19 @@ def test_docs_example_runs():
     assert blocks
     for code in blocks:
         exec(compile(code, "docs/paged_kv.md", "exec"), {"__name__": "__docs__"})
+
+
+def test_torch_compile_public_decode_fullgraph():
+    """The public entry point traces without a graph break (no host sync in a decode step)."""
+    c = PagedKVCache(8, 16, 2, 32, 2, group_size=16, residual=16, dtype=torch.float32)
+    Sim(c, seed=11).step([40, 17])
+
+    def step(q):
+        out, mass = paged_decode_attention(q, c, return_mass=True, backend="torch")
+        return out, mass
+
+    q = _q(2, 4, 2, 32, torch.float32, 0, "cpu")
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(q)
+    exp = step(q)
+    torch.testing.assert_close(got, exp)
