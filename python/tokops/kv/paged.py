@@ -50,6 +50,14 @@ D)`` with ``B = max_rows`` (a row of length 0 returns 0 and LSE ``-inf``), GQA, 
 depends only on ``(B, H_kv, max_pages_per_row)`` (never on the lengths' values), so a CUDA graph can
 replay it.  Returns ``(out, lse, mass)``: ``mass (B, H, max_pages_per_row * P + R + G)`` fp32 indexed
 by token position (0 at positions ``>= lengths[b]``), or ``(B, H, 0)`` when not asked.  No host sync.
+
+Backends (verification level, DESIGN.md): ``torch`` dequantizes every block-table column of every row
+into a temporary and runs masked dense fp32 attention (the reference path; float64 in
+:func:`paged_decode_reference`); ``triton`` (``triton_kernels/kv_paged_decode.py``) reads the packed
+codes through the block table, never a dequantized copy (interpreter-tested; compiled for sm_80/sm_90
+by ``benchmarks/kernel_check.py``: pipelined, no spills); ``cuda`` (``csrc/kv/paged_decode_cuda.cu``,
+head dims 32/64/128/256) executed under the CPU emulation of ``tests/emu`` only: not GPU-verified, so
+``auto`` never picks it.
 """
 
 from __future__ import annotations
