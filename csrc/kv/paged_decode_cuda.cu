@@ -88,6 +88,7 @@ __device__ void load_key_tile(const PagedSide& s, int64_t page, int64_t hk, int 
       const uint4 raw = *reinterpret_cast<const uint4*>(c + int64_t(t) * D + c16 * 16);
       const uint8_t* b = reinterpret_cast<const uint8_t*>(&raw);
       const float f = sc[t];
+#pragma unroll
       for (int i = 0; i < 16; ++i) o[i] = fp8_value(b[i]) * f;
     }
     return;
@@ -108,6 +109,7 @@ __device__ void load_key_tile(const PagedSide& s, int64_t page, int64_t hk, int 
     for (int t = t_lo; t < t_hi; ++t) {
       float* o = dst + (t - off) * ld + c4 * 4;
       if (t >= nvalid) {
+#pragma unroll
         for (int i = 0; i < 4; ++i) o[i] = 0.f;
         continue;
       }
@@ -117,6 +119,7 @@ __device__ void load_key_tile(const PagedSide& s, int64_t page, int64_t hk, int 
       const uint2 zraw = *reinterpret_cast<const uint2*>(zr + srow);
       const __half* sh = reinterpret_cast<const __half*>(&sraw);
       const __half* zh = reinterpret_cast<const __half*>(&zraw);
+#pragma unroll
       for (int i = 0; i < 4; ++i) {
         const float qv = static_cast<float>((words[i] >> shift) & qmax);
         o[i] = __fadd_rn(__fmul_rn(qv, __half2float(sh[i])), __half2float(zh[i]));
@@ -149,20 +152,23 @@ __device__ void load_value_tile(const PagedSide& s, int64_t page, int64_t hk, in
       for (int i = 0; i < per * cpw; ++i) o[i] = 0.f;
       continue;
     }
-    uint32_t words[4];
-    if (vec) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(w + int64_t(t) * wd + ch * 4);
-      words[0] = raw.x, words[1] = raw.y, words[2] = raw.z, words[3] = raw.w;
-    } else {
-      words[0] = static_cast<uint32_t>(w[int64_t(t) * wd + ch]);
-    }
-    for (int i = 0; i < per; ++i)
+    auto unpack = [&](uint32_t word, int i) {  // word i of the chunk: channels d0 + i*cpw + [0, cpw)
       for (int c = 0; c < cpw; ++c) {
         const int d = d0 + i * cpw + c;
         const int64_t sidx = int64_t(t) * ngd + d / G;
-        const float qv = static_cast<float>((words[i] >> (c * bits)) & qmax);
+        const float qv = static_cast<float>((word >> (c * bits)) & qmax);
         o[i * cpw + c] = __fadd_rn(__fmul_rn(qv, __half2float(sc[sidx])), __half2float(zr[sidx]));
       }
+    };
+    if (vec) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(w + int64_t(t) * wd + ch * 4);
+      unpack(raw.x, 0);
+      unpack(raw.y, 1);
+      unpack(raw.z, 2);
+      unpack(raw.w, 3);
+    } else {
+      unpack(static_cast<uint32_t>(w[int64_t(t) * wd + ch]), 0);
+    }
   }
 }
 
@@ -180,6 +186,7 @@ __device__ void load_ring_tile(const T* base, int p0, int L, int RC, float* dst,
     }
     const uint4 raw = *reinterpret_cast<const uint4*>(base + int64_t(p % RC) * D + ch * E);
     const T* x = reinterpret_cast<const T*>(&raw);
+#pragma unroll
     for (int i = 0; i < E; ++i) o[i] = static_cast<float>(x[i]);
   }
 }
