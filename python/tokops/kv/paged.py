@@ -310,7 +310,9 @@ class PagedKVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the current step's new tokens of ``layer``: ``k, v (len(rows), H_kv, n, D)`` in the
         cache's dtype, ``n >= max(n_new)`` (row ``i`` uses its first ``n_new[i]`` tokens).  Device work
-        only (gathers, ``tokops::kv_quantize``, scatters): no host sync."""
+        only (gathers, ``tokops::kv_quantize``, scatters): no host sync -- so, unlike
+        :func:`tokops.kv.quantize`, no check that fp32/bf16 values fit the fp16 scale/zero (a group
+        beyond ~6.5e4 gets an inf scale; use ``mode="fp8"`` for such values)."""
         plan = self._plan
         if plan is None:
             raise RuntimeError("write: call extend(n_new) first (it plans the step)")
