@@ -48,7 +48,7 @@ SMS = {80: 108, 90: 132}
 # key tile, with one small q load per step, the key tile being loaded once.)
 MUST_PIPELINE = {
     "block_sparse_attn._fwd_kernel", "block_sparse_attn._bwd_dq_kernel", "block_sparse_attn._bwd_dkdv_kernel",
-    "block_sparse_attn._mass_kernel", "kv_decode._decode_partial_kernel",
+    "block_sparse_attn._mass_kernel", "kv_decode._decode_partial_kernel", "kv_paged_decode._paged_partial_kernel",
 }
 # Spills fail in every kernel (each one is on a hot path: there is no cold setup kernel here).
 # Known exceptions, reported as "accepted" in the report and printed by every run, never silent:
@@ -346,6 +346,44 @@ def kv_decode_cases(quick: bool):
     return out
 
 
+def kv_paged_decode_cases(quick: bool):
+    import torch
+
+    if quick:
+        modes = [("int", 4, (90,)), ("fp8", 8, (80,))]
+    else:
+        modes = [(m, b, ARCHS) for m, b in (("int", 8), ("int", 4), ("int", 2), ("fp8", 8))]
+    pages = (64,) if quick else (16, 64, 256)
+    out = []
+    for mode, bits, archs in modes:
+        for P in pages:
+            def fn(mode=mode, bits=bits, P=P):
+                from tokops.triton_kernels import kv_paged_decode as m
+
+                # bench_kv_cache's paged rows: B=16 rows of up to 32k tokens, H=32, H_kv=8, D=128, G=32, R=128
+                B, H, HKV, D, G, R = 16, 32, 8, 128, min(32, P), 128  # P % G == 0
+                MPP = 32768 // P
+                NP = B * MPP
+                dt = torch.float16
+                q = _meta((B, H, 1, D), dt)
+                res = [_meta((B, HKV, R + G, D), dt) for _ in range(2)]
+                bt, lens = _meta((B, MPP), torch.int32), _meta((B,), torch.int32)
+                if mode == "fp8":
+                    kc, vc = (_meta((NP, HKV, P, D), torch.uint8) for _ in range(2))
+                    ks, vs = (_meta((NP, HKV, P), torch.float32) for _ in range(2))
+                    kz = vz = _meta((0,), torch.float16)
+                else:
+                    kc = _meta((NP, HKV, P * bits // 32, D), torch.int32)
+                    ks = kz = _meta((NP, HKV, P // G, D), torch.float16)
+                    vc = _meta((NP, HKV, P, D * bits // 32), torch.int32)
+                    vs = vz = _meta((NP, HKV, P, D // G), torch.float16)
+                _tag(f"P={P}")
+                m.paged_decode_attention(q, kc, ks, kz, vc, vs, vz, *res, bt, lens, R, mode, bits, bits, G,
+                                         D ** -0.5, True)
+            out.append((f"kv_paged decode {mode}{'' if mode == 'fp8' else bits} P={P}", fn, archs))
+    return out
+
+
 def merge_cases(quick: bool):
     import torch
 
@@ -368,7 +406,8 @@ def merge_cases(quick: bool):
 
 
 def all_cases(quick: bool):
-    return attention_cases(quick) + kv_quant_cases(quick) + kv_decode_cases(quick) + merge_cases(quick)
+    return (attention_cases(quick) + kv_quant_cases(quick) + kv_decode_cases(quick) + kv_paged_decode_cases(quick)
+            + merge_cases(quick))
 
 
 # --------------------------------------------------------------------------- analysis

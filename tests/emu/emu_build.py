@@ -25,6 +25,7 @@ NAME = "tokops_cuda_emu"
 ASAN_OPTIONS = "detect_leaks=0"
 # the registry ops whose "cuda" backend the emulated kernels implement
 CUDA_OPS = ("kv_quantize", "kv_dequantize", "kv_quantize_fp8", "kv_dequantize_fp8", "kv_decode_attention",
+            "kv_paged_decode_attention",
             "tome_match", "block_sparse_attn_fwd", "block_sparse_attn_bwd")
 
 
