@@ -128,8 +128,11 @@ def test_adversarial_half_integers(backend_device, bits, group_size, axis, dtype
     backend, device = backend_device
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    _check_adversarial(backend, device, bits, group_size, axis, dtype, max(24, 2048 // group_size))
+
+
+def _check_adversarial(backend, device, bits, group_size, axis, dtype, n_groups):
     G = group_size
-    n_groups = max(24, 2048 // G)
     n_groups -= n_groups % 6
     groups = adversarial_groups(bits, G, n_groups, dtype, seed=bits * 100 + G + (axis == -1))
     x = _layout(groups, G, axis, rows=3, tail=G // 2 + 3)
@@ -184,6 +187,47 @@ def test_every_fp16_value_one_group(backend_device, bits, axis):
     qt = tokops.kv.quantize(x.to(device), bits, G, axis, backend=backend)
     for name, got, exp in zip(("codes", "scale", "zero"), qt[:3], expected):
         assert torch.equal(got.cpu(), exp), f"{name} differs in {(got.cpu() != exp).sum().item()} places"
+
+
+# --------------------------------------------------------------------------- Triton row kernel
+@pytest.fixture
+def rows_kernel(monkeypatch):
+    """Run the Triton row-walking quantize kernel (axis=-2, G >= 32/bits) under the interpreter too
+    (by default the interpreter takes the tile kernel: see kv_quant.ROWS_KERNEL_IN_INTERPRETER)."""
+    from tokops import _registry
+
+    if not (_registry.triton_available() and _registry.triton_interpreter()):
+        pytest.skip("on a GPU the row kernel is the default (covered by every Triton test)")
+    from tokops.triton_kernels import kv_quant
+
+    monkeypatch.setattr(kv_quant, "ROWS_KERNEL_IN_INTERPRETER", True)
+
+
+@pytest.mark.parametrize("bits,group_size,dtype", [(8, 32, torch.float32), (4, 32, torch.float16), (2, 32, torch.float32),
+                                                   (4, 64, torch.float32), (2, 16, torch.float16)], ids=str)
+def test_rows_kernel_adversarial(rows_kernel, bits, group_size, dtype):
+    _check_adversarial("triton", "cpu", bits, group_size, -2, dtype, 24)
+
+
+def test_rows_kernel_vectors_and_non_finite(rows_kernel):
+    """DESIGN.md vectors, the tie check, and NaN/inf groups (NaN scale/zero, codes 0) through the row
+    kernel, against the oracle and the reference."""
+    for bits in (4, 2):
+        x = torch.arange(32)
+        x = (((7 * x) % 11) - 5 + 0.25 * (x % 3)).to(torch.float16).view(32, 1)
+        qt = tokops.kv.quantize(x, bits, 32, -2, backend="triton")
+        for got, exp in zip(qt[:3], naive_quantize(x, bits, 32, -2)):
+            assert torch.equal(got, exp)
+    x = torch.tensor([0, 1, 2, 3, 4, 5, 6, 6], dtype=torch.float16).view(8, 1)
+    qt = tokops.kv.quantize(x, 2, 8, -2, backend="triton")
+    assert ref.unpack_codes(qt.codes, 2, -2).reshape(-1)[:8].tolist() == [0, 0, 1, 2, 2, 2, 3, 3]
+    x = torch.randn(2, 70, 48)
+    x[0, 3, 5], x[0, 40, 7], x[1, 69, 0], x[1, 33, 1] = float("nan"), float("inf"), float("-inf"), float("nan")
+    for bits in (8, 4, 2):
+        qt = tokops.kv.quantize(x, bits, 32, -2, backend="triton")
+        for name, got, exp in zip(("codes", "scale", "zero"), qt[:3], ref.quantize(x, bits, 32, -2)):
+            assert torch.equal(got.view(torch.int16) if got.dtype == torch.float16 else got,
+                               exp.view(torch.int16) if exp.dtype == torch.float16 else exp), name
 
 
 # --------------------------------------------------------------------------- the method, in numpy

@@ -160,6 +160,59 @@ def _quantize_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, L, C, W, n_units, n_
 
 
 @triton.jit
+def _quantize_rows_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, L, C, n_groups, n_cblocks, xsr, csr, ssr,
+                          BITS: tl.constexpr, G: tl.constexpr, BC: tl.constexpr):
+    """axis=-2 with G >= 32/bits (groups of G tokens, whole words per group): one program owns one
+    group of G rows (tokens) times BC contiguous columns, walked row by row as 1-D vectors -- the
+    min/max and the word packing stay inside each thread (no cross-thread reduction, no layout
+    conversion), loads and stores are contiguous along the columns.  Two passes over the G rows
+    (min/max, then codes; the second reads the tile again from L1/L2).  Row offsets ``j * C`` are
+    int32 (the host checks ``(G + CPW) * C < 2**31``), the program's base is int64."""
+    CPW: tl.constexpr = 32 // BITS
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    pid = tl.program_id(0)
+    cb = pid % n_cblocks
+    rest = pid // n_cblocks
+    g = rest % n_groups
+    r = rest // n_groups
+    cl = tl.arange(0, BC)
+    cmask = cb * BC + cl < C
+    t0 = g * G
+    x_ptr += r.to(tl.int64) * xsr + t0.to(tl.int64) * C + cb * BC
+    mn = tl.full((BC,), float("inf"), tl.float32)
+    mx = tl.full((BC,), float("-inf"), tl.float32)
+    # the group's real rows only (the tail group of a ragged N is shorter); columns past C hold
+    # garbage that is never stored.  NaN-propagating min/max (min.NaN.f32): a group holding NaN gets
+    # a NaN scale and zero, like the reference's amin/amax.
+    for j in range(tl.minimum(L - t0, G)):
+        v = tl.load(x_ptr + j * C + cl, mask=cmask, other=0.0).to(tl.float32)
+        mn = tl.minimum(mn, v, propagate_nan=tl.PropagateNan.ALL)
+        mx = tl.maximum(mx, v, propagate_nan=tl.PropagateNan.ALL)
+    zero_h = mn.to(tl.float16)
+    scale_h = tl.math.div_rn(mx - mn, tl.full(mx.shape, QMAX, tl.float32)).to(tl.float16)  # per group
+    so = r.to(tl.int64) * ssr + g.to(tl.int64) * C + cb * BC + cl
+    tl.store(scale_ptr + so, scale_h, mask=cmask)
+    tl.store(zero_ptr + so, zero_h, mask=cmask)
+    z = zero_h.to(tl.float32)
+    s = scale_h.to(tl.float32)
+    ok = (s != 0) & (tl.abs(s) < float("inf")) & (tl.abs(z) < float("inf"))  # False for NaN/inf scale or zero
+    s = tl.where(ok, s, 1.0)
+    z = tl.where(ok, z, 0.0)
+    rcp = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)  # one correctly rounded reciprocal per group
+    codes_ptr += r.to(tl.int64) * csr + (g * (G // CPW)).to(tl.int64) * C + cb * BC
+    for w in range(G // CPW):
+        word = tl.zeros((BC,), tl.uint32)
+        for k in tl.static_range(CPW):
+            j = w * CPW + k
+            m = cmask & (t0 + j < L)
+            v = tl.load(x_ptr + j * C + cl, mask=m, other=0.0).to(tl.float32)
+            q = _group_codes(v, s, z, rcp, QMAX)
+            q = tl.where(m & ok, q, 0)
+            word = word | (q.to(tl.uint32, bitcast=True) << (k * BITS))
+        tl.store(codes_ptr + w * C + cl, word.to(tl.int32, bitcast=True), mask=cmask)
+
+
+@triton.jit
 def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, L, C, W, n_units, n_cblocks,
                        csr, cst, csc, ssr, sst, ssc, osr, ost, osc,
                        BITS: tl.constexpr, G: tl.constexpr, U: tl.constexpr, BC: tl.constexpr,
@@ -240,6 +293,16 @@ def _fp_fusion_kwargs() -> dict:
     return {} if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else {"enable_fp_fusion": False}
 
 
+# The row-walking quantize kernel (axis=-2) runs wherever Triton compiles; under the interpreter, where
+# its per-row loops cost ~1000x more than one tile operation, the tile kernel serves the test suite and
+# tests/test_quant_exact.py runs this kernel on its own cases (ROWS_KERNEL_IN_INTERPRETER = True).
+ROWS_KERNEL_IN_INTERPRETER = False
+
+
+def _rows_kernel() -> bool:
+    return ROWS_KERNEL_IN_INTERPRETER or not triton_interpreter()
+
+
 def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int):
     codes_shape, scale_shape = packed_shapes(x.shape, bits, group_size, axis)
     codes = new_output(codes_shape, torch.int32, x.device)
@@ -249,6 +312,15 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: int):
     _, cs = _view3(codes_shape, axis)
     _, ss = _view3(scale_shape, axis)
     W = codes_shape[-1] if axis == -1 else codes_shape[-2]
+    if axis == -2 and group_size >= 32 // bits and (group_size + 32) * C <= _I32_MAX and _rows_kernel():
+        # groups of tokens: the row-walking kernel (thread-local min/max and packing)
+        n_groups = triton.cdiv(L, group_size)
+        bc = min(1024, triton.next_power_of_2(C))
+        n_cb = triton.cdiv(C, bc)
+        _quantize_rows_kernel[(_check_grid(R * n_groups * n_cb),)](
+            x, codes, scale, zero, L, C, n_groups, n_cb, xs[0], cs[0], ss[0], BITS=bits, G=group_size, BC=bc,
+            num_warps=max(1, min(4, bc // 256)))
+        return codes, scale, zero
     unit, n_units, bc, n_cb = _launch_geometry(bits, group_size, L, C)
     _quantize_kernel[(_check_grid(R * n_units * n_cb),)](
         x, codes, scale, zero, L, C, W, n_units, n_cb, *xs, *cs, *ss,
