@@ -177,12 +177,8 @@ def test_every_fp16_value_one_group(backend_device, bits, axis):
         body = torch.cat([inside, inside[: n - inside.numel()]]).view(-1, G - 2)
         ends = torch.tensor([mn, mx], dtype=torch.float16).expand(body.shape[0], 2)
         rows.append(torch.cat([ends, body], 1))
-    groups = torch.cat(rows)
-    groups = groups[: groups.shape[0] - groups.shape[0] % 2]
-    if axis == -1:
-        x = groups.reshape(2, -1)  # 2 tokens, each a row of groups
-    else:  # N tokens x 2 channels: channel c holds groups c, c + 2, ...
-        x = groups.view(-1, 2, G).permute(0, 2, 1).reshape(-1, 2).contiguous()
+    groups = torch.cat(rows)  # (n_groups, G): one group per token (axis=-1) or per channel (axis=-2)
+    x = groups if axis == -1 else groups.t().contiguous()
     expected = naive_quantize(x, bits, G, axis)
     qt = tokops.kv.quantize(x.to(device), bits, G, axis, backend=backend)
     for name, got, exp in zip(("codes", "scale", "zero"), qt[:3], expected):
