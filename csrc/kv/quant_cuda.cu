@@ -1,13 +1,16 @@
 // CUDA kernels for KIVI group quantization (int8/int4/int2) and fp8 e4m3.
 // Spec: DESIGN.md "Quantized KV"; Python reference: python/tokops/kv/reference.py.
 //
-// Both layouts share one kernel over a strided 3-D view (R, L, C) of the
-// tensor: L is the grouped axis, C the other one (see view3 below). A thread
-// owns one unit of U = max(G, 32/BITS) grouped elements of one column: whole
-// groups and whole int32 words, so no word is written by two threads.
-// Arithmetic matches the reference bit for bit: fp32, IEEE division (no fast
-// math), rintf (round half to even), and __fmul_rn/__fadd_rn in dequantize
-// so that nvcc does not contract q * scale + zero into an FMA.
+// Quantize: a thread owns one group (G in {32, 64, 128}, its values held in registers) or, for the
+// other group sizes, one unit of U = max(G, 32/BITS) grouped elements (whole groups and whole int32
+// words, so no word is written by two threads). Dequantize: a thread owns one int32 word.
+// Index math: the thread index is split into (r, group or word, column) once per thread in 32 bits
+// (the host checks that the thread count fits), the thread's base offset is computed once in 64
+// bits, and per element only 32-bit strides are added: no 64-bit division per element.
+// Codes are bit-identical to the spec's fp32 division without dividing per element: one reciprocal
+// per group and an exact comparison at the half-integer boundary (group_code below; the proof is in
+// triton_kernels/kv_quant.py, _group_codes). Dequantize uses __fmul_rn/__fadd_rn so that nvcc does
+// not contract q * scale + zero into an FMA (two roundings, like the reference).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_fp16.h>
@@ -38,64 +41,116 @@ View3 view3(at::IntArrayRef sizes, int64_t axis) {
   return View3{lead, n, d, n * d, d, 1};
 }
 
-// Thread index -> (r, unit, c). With `unit_fastest` (grouped axis contiguous, axis=-1) neighbouring
-// threads take neighbouring units of one row, so a warp reads one contiguous stretch of memory;
-// otherwise (axis=-2) neighbouring threads take neighbouring columns (coalesced strided loads).
-__device__ __forceinline__ void unit_coords(int64_t idx, int64_t n_units, int64_t C, bool unit_fastest,
-                                            int64_t& r, int64_t& u, int64_t& c) {
+// 32-bit thread index -> (r, unit, c), one 32-bit div/mod pair each. With `unit_fastest` (grouped
+// axis contiguous, axis=-1) neighbouring threads take neighbouring units of one row (a warp reads one
+// contiguous stretch of memory); otherwise (axis=-2) neighbouring threads take neighbouring columns
+// (coalesced strided loads).
+__device__ __forceinline__ void unit_coords(uint32_t idx, uint32_t n_units, uint32_t C, bool unit_fastest,
+                                            uint32_t& r, uint32_t& u, uint32_t& c) {
   if (unit_fastest) {
     u = idx % n_units;
-    const int64_t rest = idx / n_units;
+    const uint32_t rest = idx / n_units;
     c = rest % C;
     r = rest / C;
   } else {
     c = idx % C;
-    const int64_t rest = idx / C;
+    const uint32_t rest = idx / C;
     u = rest % n_units;
     r = rest / n_units;
   }
 }
 
-// min / max that propagate NaN (fminf/fmaxf drop it): a group holding NaN gets a NaN scale and zero.
-__device__ __forceinline__ float min_nan(float a, float b) { return (a < b || a != a) ? a : b; }
+__device__ __forceinline__ uint32_t thread_index() { return blockIdx.x * blockDim.x + threadIdx.x; }
+
+// max that propagates NaN (fmaxf drops it): an fp8 row holding NaN gets a NaN scale.
 __device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 // Codes are 0 where scale == 0 or scale/zero is not finite (NaN/inf input), like the reference.
 __device__ __forceinline__ bool codes_ok(float s, float z) { return s != 0.f && isfinite(s) && isfinite(z); }
 
+// clamp(round_half_even(fl(fl(x - z) / s)), 0, QMAX), bit-identical to the IEEE division for every
+// finite x and finite fp16 s > 0 and z, with rcp = fl(1 / s) computed once per group:
+//   k = floor(clamp(fl(d * rcp), 0, QMAX - 1)), p = s * (k + 1/2) (exact: 11 x 9 significant bits),
+//   code = k + 1 if d > p, the even of k, k + 1 if d == p, k if d < p.
+// Proof (why the half-integer boundary h = k + 1/2 is the only one in play, and why no fp32 quotient
+// d / s != h ever rounds onto h, so comparing d with p gives the side of fl(d / s)): the comment
+// of _group_codes in triton_kernels/kv_quant.py. No FMA is involved: contraction cannot change it.
+// NaN x (only in groups whose codes are forced to 0) gives some code in [0, QMAX], never UB.
 template <int BITS>
-__device__ __forceinline__ uint32_t quantize_code(float v, float z, float s) {
-  constexpr float QMAX = float((1 << BITS) - 1);
-  // IEEE division and round-half-even, exactly as the reference (no fast math in this build).
-  return static_cast<uint32_t>(fminf(fmaxf(rintf((v - z) / s), 0.f), QMAX));
+__device__ __forceinline__ uint32_t group_code(float x, float z, float s, float rcp) {
+  constexpr float KMAX = float((1 << BITS) - 2);  // QMAX - 1
+  const float d = __fsub_rn(x, z);
+  const float kf = floorf(fminf(fmaxf(__fmul_rn(d, rcp), 0.f), KMAX));  // fmaxf(NaN, 0) = 0
+  const float p = __fmul_rn(s, __fadd_rn(kf, 0.5f));
+  const uint32_t k = static_cast<uint32_t>(kf);
+  return k + static_cast<uint32_t>(d > p || (d == p && (k & 1u)));
 }
 
-__device__ __forceinline__ void store_scale_zero(__half* scale, __half* zero, int64_t off, float mn, float mx,
-                                                 float qmax, float& z, float& s) {
+// Per-group statistics in one pass: min/max with fminf/fmaxf (1 instruction each) and a NaN flag
+// (a group holding NaN gets a NaN scale and zero, like the reference's amin/amax).
+struct MinMax {
+  float mn = INFINITY, mx = -INFINITY;
+  bool nan = false;
+  __device__ __forceinline__ void add(float v) {
+    mn = fminf(mn, v);
+    mx = fmaxf(mx, v);
+    nan |= v != v;
+  }
+};
+
+// Stores fp16 zero/scale of a group and returns them in fp32, with rcp = fl(1 / s) (0 codes: rcp 0).
+__device__ __forceinline__ void store_scale_zero(__half* scale, __half* zero, int64_t off, MinMax m, float qmax,
+                                                 float& z, float& s, float& rcp, bool& ok) {
+  const float mn = m.nan ? NAN : m.mn, mx = m.nan ? NAN : m.mx;
   const __half zh = __float2half_rn(mn);
-  const __half sh = __float2half_rn((mx - mn) / qmax);
+  const __half sh = __float2half_rn(__fdiv_rn(__fsub_rn(mx, mn), qmax));  // once per group
   zero[off] = zh;
   scale[off] = sh;
   z = __half2float(zh);
   s = __half2float(sh);
+  ok = codes_ok(s, z);
+  rcp = ok ? __frcp_rn(s) : 0.f;  // one correctly rounded reciprocal per group
 }
 
 // Fast path: compile-time group size G >= 32/BITS; one thread quantizes one group, its values held
-// in registers (read once). VEC: the group is contiguous and 16-byte aligned -> 16-byte loads.
-template <typename T, int BITS, int G, bool VEC>
+// in registers (read once).
+//  * axis=-1 (GROUPS_CONTIG): every group is full (G divides D) and group i sits at x + i * G, its
+//    codes at codes + i * G * BITS / 32, its scale at scale + i: a 1-D problem. VEC: 16-byte loads of
+//    x and 8/16-byte stores of the codes (host: 16-byte aligned x and codes).
+//  * axis=-2: thread -> (column c fastest, group g, slice r); element j at stride C (coalesced across
+//    the warp), the tail group of a ragged N partly valid.
+template <typename T, int BITS, int G, bool GROUPS_CONTIG, bool VEC>
 __global__ void quantize_group_kernel(const T* __restrict__ x, int32_t* __restrict__ codes,
-                                      __half* __restrict__ scale, __half* __restrict__ zero, View3 xv, View3 cv,
-                                      View3 sv, int64_t n_groups, bool group_fastest) {
+                                      __half* __restrict__ scale, __half* __restrict__ zero, uint32_t n_threads,
+                                      uint32_t n_groups, uint32_t C, uint32_t L) {
   constexpr int CPW = 32 / BITS;
+  constexpr int WPG = G / CPW;  // words per group
+  constexpr float QMAX = float((1 << BITS) - 1);
   static_assert(G % CPW == 0, "a group must hold whole words");
-  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (idx >= xv.R * n_groups * xv.C) return;
-  int64_t r, g, c;
-  unit_coords(idx, n_groups, xv.C, group_fastest, r, g, c);
-  const int64_t t0 = g * G;
-  const int64_t valid = xv.L - t0 < G ? xv.L - t0 : G;
-  const T* xp = x + r * xv.sr + c * xv.sc + t0 * xv.st;
+  const uint32_t idx = thread_index();
+  if (idx >= n_threads) return;
   float v[G];
-  if constexpr (VEC) {  // host guarantees: st == 1, valid == G, 16-byte alignment
+  int valid = G;
+  const T* xp;
+  int32_t* cp;
+  int64_t so;
+  uint32_t cstride;  // element / word stride along the grouped axis
+  if constexpr (GROUPS_CONTIG) {
+    xp = x + int64_t(idx) * G;
+    cp = codes + int64_t(idx) * WPG;
+    so = idx;
+    cstride = 1;
+  } else {
+    uint32_t r, g, c;
+    unit_coords(idx, n_groups, C, false, r, g, c);
+    const uint32_t t0 = g * G;
+    valid = L - t0 < uint32_t(G) ? int(L - t0) : G;
+    const int64_t words = int64_t(n_groups) * WPG;  // words along the grouped axis
+    xp = x + (int64_t(r) * L + t0) * C + c;
+    cp = codes + (int64_t(r) * words + int64_t(g) * WPG) * C + c;
+    so = (int64_t(r) * n_groups + g) * C + c;
+    cstride = C;
+  }
+  if constexpr (VEC) {  // GROUPS_CONTIG, 16-byte aligned
     constexpr int PER = 16 / sizeof(T);
 #pragma unroll
     for (int i = 0; i < G / PER; ++i) {
@@ -106,105 +161,154 @@ __global__ void quantize_group_kernel(const T* __restrict__ x, int32_t* __restri
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < G; ++j) v[j] = j < valid ? static_cast<float>(xp[j * xv.st]) : 0.f;
+    for (int j = 0; j < G; ++j) v[j] = j < valid ? static_cast<float>(xp[int64_t(j) * cstride]) : 0.f;
   }
-  float mn = INFINITY, mx = -INFINITY;
+  MinMax m;
 #pragma unroll
   for (int j = 0; j < G; ++j) {
-    if (j < valid) {
-      mn = min_nan(mn, v[j]);
-      mx = max_nan(mx, v[j]);
-    }
+    if (j < valid) m.add(v[j]);
   }
-  float z, s;
-  store_scale_zero(scale, zero, r * sv.sr + g * sv.st + c * sv.sc, mn, mx, float((1 << BITS) - 1), z, s);
-  int32_t* cp = codes + r * cv.sr + c * cv.sc + (t0 / CPW) * cv.st;
+  float z, s, rcp;
+  bool ok;
+  store_scale_zero(scale, zero, so, m, QMAX, z, s, rcp, ok);
+  uint32_t words[WPG];
 #pragma unroll
-  for (int w = 0; w < G / CPW; ++w) {
+  for (int w = 0; w < WPG; ++w) {
     uint32_t word = 0;
 #pragma unroll
     for (int k = 0; k < CPW; ++k) {
       const int j = w * CPW + k;
-      const uint32_t q = (j < valid && codes_ok(s, z)) ? quantize_code<BITS>(v[j], z, s) : 0u;
-      word |= q << (BITS * k);
+      const uint32_t q = group_code<BITS>(v[j], z, s, rcp);
+      word |= (j < valid && ok ? q : 0u) << (BITS * k);
     }
-    cp[w * cv.st] = static_cast<int32_t>(word);
+    words[w] = word;
+  }
+  if constexpr (VEC && WPG % 4 == 0) {
+#pragma unroll
+    for (int w = 0; w < WPG; w += 4)
+      reinterpret_cast<uint4*>(cp)[w / 4] = make_uint4(words[w], words[w + 1], words[w + 2], words[w + 3]);
+  } else if constexpr (VEC && WPG == 2) {
+    *reinterpret_cast<uint2*>(cp) = make_uint2(words[0], words[1]);
+  } else {
+#pragma unroll
+    for (int w = 0; w < WPG; ++w) cp[int64_t(w) * cstride] = static_cast<int32_t>(words[w]);
   }
 }
 
 // General path: any power-of-two G. A thread owns one unit of U = max(G, 32/BITS) grouped elements
-// (whole groups and whole words, so no word is shared) and reads its values twice.
+// (whole groups and whole words, so no word is shared) and reads its values twice (G up to 1024 does
+// not fit in registers).
 template <typename T, int BITS>
 __global__ void quantize_kernel(const T* __restrict__ x, int32_t* __restrict__ codes, __half* __restrict__ scale,
                                 __half* __restrict__ zero, View3 xv, View3 cv, View3 sv, int G, int U,
-                                int64_t n_units, bool unit_fastest) {
+                                uint32_t n_threads, uint32_t n_units, bool unit_fastest) {
   constexpr int CPW = 32 / BITS;
-  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (idx >= xv.R * n_units * xv.C) return;
-  int64_t r, u, c;
-  unit_coords(idx, n_units, xv.C, unit_fastest, r, u, c);
-  const T* xp = x + r * xv.sr + c * xv.sc;
-  int32_t* cp = codes + r * cv.sr + c * cv.sc;
-  const int64_t t0 = u * U;
-  uint32_t word = 0;
+  constexpr float QMAX = float((1 << BITS) - 1);
+  const uint32_t idx = thread_index();
+  if (idx >= n_threads) return;
+  uint32_t r, u, c;
+  unit_coords(idx, n_units, uint32_t(xv.C), unit_fastest, r, u, c);
+  const uint32_t L = uint32_t(xv.L), t0 = u * uint32_t(U);
+  const uint32_t st = uint32_t(xv.st), cst = uint32_t(cv.st);
+  const T* xp = x + int64_t(r) * xv.sr + int64_t(c) * xv.sc + int64_t(t0) * st;  // 64-bit once
+  int32_t* cp = codes + int64_t(r) * cv.sr + int64_t(c) * cv.sc + int64_t(t0 / CPW) * cst;
+  __half* sp = scale + int64_t(r) * sv.sr + int64_t(c) * sv.sc + int64_t(t0 / uint32_t(G)) * sv.st;
+  __half* zp = zero + (sp - scale);
+  const uint32_t W = uint32_t(cv.L);
+  uint32_t word = 0, w = t0 / CPW;
   for (int g0 = 0; g0 < U; g0 += G) {
-    const int64_t tg = t0 + g0;
-    float z = 0.f, s = 0.f;
-    if (tg < xv.L) {  // groups past the padded length never exist
-      float mn = INFINITY, mx = -INFINITY;
-      for (int j = 0; j < G; ++j) {
-        const int64_t t = tg + j;
-        if (t < xv.L) {
-          const float v = static_cast<float>(xp[t * xv.st]);
-          mn = min_nan(mn, v);
-          mx = max_nan(mx, v);
-        }
-      }
-      store_scale_zero(scale, zero, r * sv.sr + (tg / G) * sv.st + c * sv.sc, mn, mx, float((1 << BITS) - 1),
-                          z, s);
+    const uint32_t tg = t0 + g0;  // < L + U: no overflow (host: L + U < 2**31)
+    float z = 0.f, s = 0.f, rcp = 0.f;
+    bool ok = false;
+    if (tg < L) {  // groups past the padded length never exist
+      MinMax m;
+      const int valid = L - tg < uint32_t(G) ? int(L - tg) : G;
+      const T* gp = xp + int64_t(g0) * st;
+      for (int j = 0; j < valid; ++j) m.add(static_cast<float>(gp[int64_t(j) * st]));
+      const int64_t so = int64_t(g0 / G) * sv.st;
+      store_scale_zero(sp + so, zp + so, 0, m, QMAX, z, s, rcp, ok);
     }
     for (int j = 0; j < G; ++j) {
-      const int64_t t = tg + j;
+      const uint32_t t = tg + j;
       const uint32_t q =
-          (t < xv.L && codes_ok(s, z)) ? quantize_code<BITS>(static_cast<float>(xp[t * xv.st]), z, s) : 0u;
+          (t < L && ok) ? group_code<BITS>(static_cast<float>(xp[int64_t(g0 + j) * st]), z, s, rcp) : 0u;
       const int k = (g0 + j) % CPW;
       word |= q << (BITS * k);
       if (k == CPW - 1) {
-        const int64_t w = (t0 + g0 + j) / CPW;
-        if (w < cv.L) cp[w * cv.st] = static_cast<int32_t>(word);
+        if (w < W) cp[int64_t(w - t0 / CPW) * cst] = static_cast<int32_t>(word);
         word = 0;
+        ++w;
       }
     }
   }
 }
 
-template <typename T, int BITS>
+// Dequantize: a thread owns one int32 word (CPW consecutive codes along the grouped axis).
+//  * axis=-1 (WORDS_CONTIG): 1-D over the words of all rows; the word's CPW outputs are contiguous:
+//    VEC writes them as 8/16-byte stores (host: the row length is a multiple of CPW and of the store
+//    width, 16-byte aligned output).
+//  * axis=-2: thread -> (column c fastest, word w, slice r); outputs at stride C (coalesced).
+// scale/zero: loaded once per word when G >= CPW (the word lies in one group), else per code; the
+// group of code t is t >> log2(G) (32-bit shift, no division).
+template <typename T, int BITS, bool WORDS_CONTIG, bool VEC>
 __global__ void dequantize_kernel(const int32_t* __restrict__ codes, const __half* __restrict__ scale,
-                                  const __half* __restrict__ zero, T* __restrict__ out, View3 ov, View3 cv,
-                                  View3 sv, int G, bool word_fastest) {
+                                  const __half* __restrict__ zero, T* __restrict__ out, uint32_t n_threads,
+                                  uint32_t W, uint32_t C, uint32_t L, int log2_g) {
   constexpr int CPW = 32 / BITS;
   constexpr uint32_t QMAX = (1u << BITS) - 1;
-  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (idx >= ov.R * cv.L * ov.C) return;
-  int64_t r, w, c;
-  unit_coords(idx, cv.L, ov.C, word_fastest, r, w, c);
-  const uint32_t word = static_cast<uint32_t>(codes[r * cv.sr + w * cv.st + c * cv.sc]);
-  T* op = out + r * ov.sr + c * ov.sc;
+  const uint32_t idx = thread_index();
+  if (idx >= n_threads) return;
+  uint32_t r, w, c;
+  unit_coords(idx, W, WORDS_CONTIG ? 1u : C, WORDS_CONTIG, r, w, c);
+  const uint32_t n_groups = ((L - 1) >> log2_g) + 1;
+  const uint32_t ostride = WORDS_CONTIG ? 1u : C;
+  const int64_t row = WORDS_CONTIG ? int64_t(r) : int64_t(r) * L * C + c;  // 64-bit once
+  const uint32_t word = static_cast<uint32_t>(codes[WORDS_CONTIG ? int64_t(idx) : (int64_t(r) * W + w) * C + c]);
+  T* op = out + (WORDS_CONTIG ? row * L : row) + int64_t(w) * CPW * ostride;
+  const int64_t sbase = WORDS_CONTIG ? int64_t(r) * n_groups : int64_t(r) * n_groups * C + c;
+  const uint32_t t0 = w * CPW;
+  float s = 0.f, z = 0.f;
+  const bool one_group = ((CPW - 1) >> log2_g) == 0;  // G >= CPW (t0 < padded length: its group exists)
+  if (one_group) {
+    const int64_t so = sbase + int64_t(t0 >> log2_g) * ostride;
+    s = __half2float(scale[so]);
+    z = __half2float(zero[so]);
+  }
+  alignas(16) T vals[CPW];
 #pragma unroll
   for (int k = 0; k < CPW; ++k) {
-    const int64_t t = w * CPW + k;
-    if (t >= ov.L) break;
-    const int64_t so = r * sv.sr + (t / G) * sv.st + c * sv.sc;
+    if (!one_group && t0 + k < L) {  // (codes past the padded length have no group)
+      const int64_t so = sbase + int64_t((t0 + k) >> log2_g) * ostride;
+      s = __half2float(scale[so]);
+      z = __half2float(zero[so]);
+    }
     const float q = static_cast<float>((word >> (BITS * k)) & QMAX);
-    float v = __fadd_rn(__fmul_rn(q, __half2float(scale[so])), __half2float(zero[so]));
+    float v = __fadd_rn(__fmul_rn(q, s), z);
     if constexpr (std::is_same_v<T, at::Half>) {  // saturate like the reference (NaN stays NaN)
       v = v > 65504.f ? 65504.f : (v < -65504.f ? -65504.f : v);
     }
-    op[t * ov.st] = static_cast<T>(v);
+    vals[k] = static_cast<T>(v);
+  }
+  if constexpr (VEC) {  // WORDS_CONTIG, the whole word inside the row, aligned
+    constexpr int BYTES = CPW * sizeof(T);
+    if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+      for (int i = 0; i < BYTES / 16; ++i) reinterpret_cast<uint4*>(op)[i] = reinterpret_cast<const uint4*>(vals)[i];
+    } else {
+      static_assert(BYTES == 8, "CPW * sizeof(T) is 8 or a multiple of 16");
+      *reinterpret_cast<uint2*>(op) = *reinterpret_cast<const uint2*>(vals);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < CPW; ++k) {
+      if (t0 + k < L) op[int64_t(k) * ostride] = vals[k];
+    }
   }
 }
 
-// One warp per row of the last dim: amax by warp shuffle, then codes.
+// One warp per row of the last dim: amax by warp shuffle, then codes. (The fp8 codes keep their
+// per-element division: the fp32 scale has 24 significant bits, so the exact comparison of
+// group_code does not apply.)
 template <typename T>
 __global__ void quantize_fp8_kernel(const T* __restrict__ x, __nv_fp8_e4m3* __restrict__ codes,
                                     float* __restrict__ scale, int64_t M, int64_t D) {
@@ -225,15 +329,28 @@ __global__ void quantize_fp8_kernel(const T* __restrict__ x, __nv_fp8_e4m3* __re
   if (lane == 0) scale[row] = s;
 }
 
+// One warp per row: the scale loaded once per row, no division per element.
 template <typename T>
 __global__ void dequantize_fp8_kernel(const __nv_fp8_e4m3* __restrict__ codes, const float* __restrict__ scale,
                                       T* __restrict__ out, int64_t M, int64_t D) {
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= M * D) return;
-  out[i] = static_cast<T>(__fmul_rn(static_cast<float>(codes[i]), scale[i / D]));
+  const int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= M) return;
+  const float s = scale[row];
+  const __nv_fp8_e4m3* cp = codes + row * D;
+  T* op = out + row * D;
+  for (int64_t j = lane; j < D; j += 32) op[j] = static_cast<T>(__fmul_rn(static_cast<float>(cp[j]), s));
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+constexpr int64_t kI32Max = 2147483647;
+
+// The kernels index their threads in 32 bits: refuse (clearly) a launch that would need more.
+void check_32bit(int64_t n_threads, const char* name, const char* what) {
+  TORCH_CHECK(n_threads < kI32Max, name, ": too large for one launch (", n_threads, " ", what,
+              ", the CUDA kernels index at most 2**31 - 1)");
+}
 
 void check_layout(const at::Tensor& t, const char* name, int64_t bits, int64_t group_size, int64_t axis) {
   TOKOPS_CHECK_CUDA(t);
@@ -281,26 +398,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cuda(const at::Tensor
   const int unit = std::max<int>(group_size, 32 / bits);
   const int64_t n_units = ceil_div(n_groups * group_size, unit);
   const bool contiguous_groups = axis == -1;
+  // 32-bit thread indices and grouped-axis positions (64-bit base offsets per thread).
+  check_32bit(xv.R * n_units * xv.C, "x", "quantization units");
+  TORCH_CHECK(xv.L + unit < kI32Max && xv.C < kI32Max && unit * std::max(xv.st, cv.st) < kI32Max,
+              "x: a dimension is too large for the 32-bit index math of the CUDA kernel (shape ", x.sizes(), ")");
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto* sp = reinterpret_cast<__half*>(scale.data_ptr<at::Half>());
   auto* zp = reinterpret_cast<__half*>(zero.data_ptr<at::Half>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kv_quantize_cuda", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     int32_t* cp = codes.data_ptr<int32_t>();
-    // 16-byte loads when every group is a contiguous, 16-byte aligned run of full length.
+    // 16-byte loads of x and 8/16-byte stores of codes when both are 16-byte aligned (axis=-1: every
+    // group is a contiguous run of G elements at a multiple of G).
     const bool vec = contiguous_groups && reinterpret_cast<uintptr_t>(xp) % 16 == 0 &&
-                     (xv.L * int64_t(sizeof(scalar_t))) % 16 == 0 && (group_size * int64_t(sizeof(scalar_t))) % 16 == 0;
+                     reinterpret_cast<uintptr_t>(cp) % 16 == 0;
     const int64_t groups_total = xv.R * n_groups * xv.C;
+    const uint32_t nt = uint32_t(groups_total);
     const int64_t blocks = ceil_div(groups_total, kThreads);
     TOKOPS_DISPATCH_BITS(bits, [&] {
       auto fast = [&](auto g_const) {
         constexpr int G = decltype(g_const)::value;
-        if (vec) {
-          TOKOPS_LAUNCH(blocks, kThreads, 0, stream, quantize_group_kernel<scalar_t, BITS, G, true>)(
-              xp, cp, sp, zp, xv, cv, sv, n_groups, contiguous_groups);
+        if (!contiguous_groups) {
+          TOKOPS_LAUNCH(blocks, kThreads, 0, stream, quantize_group_kernel<scalar_t, BITS, G, false, false>)(
+              xp, cp, sp, zp, nt, uint32_t(n_groups), uint32_t(xv.C), uint32_t(xv.L));
+        } else if (vec) {
+          TOKOPS_LAUNCH(blocks, kThreads, 0, stream, quantize_group_kernel<scalar_t, BITS, G, true, true>)(
+              xp, cp, sp, zp, nt, uint32_t(n_groups), uint32_t(xv.C), uint32_t(xv.L));
         } else {
-          TOKOPS_LAUNCH(blocks, kThreads, 0, stream, quantize_group_kernel<scalar_t, BITS, G, false>)(
-              xp, cp, sp, zp, xv, cv, sv, n_groups, contiguous_groups);
+          TOKOPS_LAUNCH(blocks, kThreads, 0, stream, quantize_group_kernel<scalar_t, BITS, G, true, false>)(
+              xp, cp, sp, zp, nt, uint32_t(n_groups), uint32_t(xv.C), uint32_t(xv.L));
         }
       };
       if (group_size == 32) {
@@ -312,7 +438,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kv_quantize_cuda(const at::Tensor
       } else {
         const int64_t total = xv.R * n_units * xv.C;
         TOKOPS_LAUNCH(ceil_div(total, kThreads), kThreads, 0, stream, quantize_kernel<scalar_t, BITS>)(
-            xp, cp, sp, zp, xv, cv, sv, int(group_size), unit, n_units, contiguous_groups);
+            xp, cp, sp, zp, xv, cv, sv, int(group_size), unit, uint32_t(total), uint32_t(n_units),
+            contiguous_groups);
       }
     });
   });
@@ -342,15 +469,36 @@ at::Tensor kv_dequantize_cuda(const at::Tensor& codes, const at::Tensor& scale, 
               at::IntArrayRef(sshape));
   const c10::cuda::CUDAGuard guard(codes.device());
   auto out = new_output(oshape, codes.options().dtype(dtype));
-  const View3 ov = view3(out.sizes(), axis), cv = view3(codes.sizes(), axis), sv = view3(scale.sizes(), axis);
-  const int64_t total = ov.R * cv.L * ov.C;
+  const View3 ov = view3(out.sizes(), axis), cv = view3(codes.sizes(), axis);
+  const int64_t total = ov.R * cv.L * ov.C;  // one thread per word
+  check_32bit(total, "codes", "words");
+  TORCH_CHECK(ov.L + 32 < kI32Max && ov.C < kI32Max, "length/columns too large for the 32-bit index math (shape ",
+              codes.sizes(), ")");
+  const int log2_g = __builtin_ctzll(uint64_t(group_size));
+  const int cpw = 32 / int(bits);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kv_dequantize_cuda", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    // axis=-1: 8/16-byte stores of a word's CPW outputs when every word lies inside its row and the
+    // rows keep the store alignment.
+    const int64_t bytes = std::min<int64_t>(16, cpw * int64_t(sizeof(scalar_t)));
+    const bool vec = axis == -1 && ov.L % cpw == 0 && (ov.L * int64_t(sizeof(scalar_t))) % bytes == 0 &&
+                     reinterpret_cast<uintptr_t>(op) % 16 == 0;
     TOKOPS_DISPATCH_BITS(bits, [&] {
-      TOKOPS_LAUNCH(ceil_div(total, kThreads), kThreads, 0, stream, dequantize_kernel<scalar_t, BITS>)(
-          codes.data_ptr<int32_t>(), reinterpret_cast<const __half*>(scale.data_ptr<at::Half>()),
-          reinterpret_cast<const __half*>(zero.data_ptr<at::Half>()), out.data_ptr<scalar_t>(), ov, cv, sv,
-          int(group_size), axis == -1);
+      auto launch = [&](auto contig, auto vec_c) {
+        constexpr bool CONTIG = decltype(contig)::value, VEC = decltype(vec_c)::value;
+        TOKOPS_LAUNCH(ceil_div(total, kThreads), kThreads, 0, stream, dequantize_kernel<scalar_t, BITS, CONTIG, VEC>)(
+            codes.data_ptr<int32_t>(), reinterpret_cast<const __half*>(scale.data_ptr<at::Half>()),
+            reinterpret_cast<const __half*>(zero.data_ptr<at::Half>()), op, uint32_t(total), uint32_t(cv.L),
+            uint32_t(ov.C), uint32_t(ov.L), log2_g);
+      };
+      if (axis == -2) {
+        launch(std::false_type{}, std::false_type{});
+      } else if (vec) {
+        launch(std::true_type{}, std::true_type{});
+      } else {
+        launch(std::true_type{}, std::false_type{});
+      }
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -388,7 +536,7 @@ at::Tensor kv_dequantize_fp8_cuda(const at::Tensor& codes, const at::Tensor& sca
   auto out = new_output(codes.sizes(), codes.options().dtype(dtype));
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kv_dequantize_fp8_cuda", [&] {
-    TOKOPS_LAUNCH(ceil_div(M * D, kThreads), kThreads, 0, stream, dequantize_fp8_kernel<scalar_t>)(
+    TOKOPS_LAUNCH(ceil_div(M * 32, kThreads), kThreads, 0, stream, dequantize_fp8_kernel<scalar_t>)(
         reinterpret_cast<const __nv_fp8_e4m3*>(codes.data_ptr()), scale.data_ptr<float>(), out.data_ptr<scalar_t>(),
         M, D);
   });

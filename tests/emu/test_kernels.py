@@ -21,6 +21,7 @@ import test_kv_cache as TC  # noqa: E402
 import test_kv_decode_ragged as TR  # noqa: E402
 import test_kv_quant as TQ  # noqa: E402
 import test_merge as TM  # noqa: E402
+import test_quant_exact as TX  # noqa: E402
 from tokops import _registry as reg  # noqa: E402
 from tokops.attention import BlockMask  # noqa: E402
 from tokops.attention import reference as aref  # noqa: E402
@@ -64,6 +65,33 @@ def test_quantize_dequantize(cuda_api_one_seed, shape, bits, group_size, axis, d
 def test_quantize_design_vectors(cuda_api, bits, axis):
     TQ.test_design_vectors(EMU, bits, axis)
     TQ.test_design_tie_vector(EMU, axis)
+
+
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_quantize_hand_computed_vectors(cuda_api, axis):
+    TQ.test_hand_computed_8bit_vector(EMU, axis)
+    for bits, x, codes, words in TQ.TIES:
+        TQ.test_hand_computed_tie_vectors(EMU, bits, x, codes, words, axis)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("axis", [-1, -2])
+@pytest.mark.parametrize("bits,group_size", TQ.ORACLE_CASES)
+@pytest.mark.parametrize("shape", TQ.SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+def test_quantize_naive_oracle(cuda_api_one_seed, shape, bits, group_size, axis, dtype):
+    TQ.test_backends_agree_with_naive_oracle(EMU, shape, bits, group_size, axis, dtype)
+
+
+# exactness without a per-element division (issue 12): half-integers, ties, clamp edges, every fp16 value
+@pytest.mark.parametrize("bits,group_size,axis,dtype", TX.ADV, ids=lambda v: str(v).replace("torch.", ""))
+def test_quantize_adversarial_half_integers(cuda_api_one_seed, bits, group_size, axis, dtype):
+    TX.test_adversarial_half_integers(EMU, bits, group_size, axis, dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_quantize_every_fp16_value(cuda_api_one_seed, bits, axis):
+    TX.test_every_fp16_value_one_group(EMU, bits, axis)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
