@@ -3,7 +3,9 @@
 The baseline is :mod:`tokops.merge.reference` with scores in the input dtype, i.e. what
 facebookresearch/ToMe ``tome/merge.py`` computes (it materialises the ``(N/2) x (N/2)`` score
 matrix: at N = 65536 that is 2 GiB per sequence in fp16).  ``extra["peak_bytes"]`` holds the peak
-extra device memory of one call of each implementation (GPU only).
+extra device memory of one call of each implementation (GPU only); the ToMe step case also has
+``extra["traced_peak_bytes"]``, the same quantity traced on meta tensors (any device, see
+:mod:`benchmarks.memtrack`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,31 @@ def _peaks(fns: dict, device: str) -> dict:
     return {"peak_bytes": out}
 
 
+def _torch_step(metric, x, r):
+    m = R.bipartite_soft_matching(metric, r, True, score_dtype=metric.dtype)
+    y, _ = R.merge_wavg(m, x)
+    return R.unmerge(m, y)
+
+
+def _tokops_step(metric, x, r, be="auto", mbe="auto"):
+    m = M.bipartite_soft_matching(metric, r, True, backend=be)
+    y, _ = M.merge_wavg(m, x, backend=mbe)
+    return M.unmerge(m, y, backend=mbe)
+
+
+def _traced_step_peaks(B: int, N: int, C: int, dtype, r: int) -> dict:
+    """Peak extra bytes of one ToMe step, traced on meta tensors at this size (benchmarks.memtrack):
+    the same for every tokops backend (the match kernels' internal workspace added analytically)."""
+    from .memtrack import match_workspace_bytes, traced_peak
+
+    metric = torch.empty(B, N, C, device="meta", dtype=dtype)
+    x = torch.empty(B, N, C, device="meta", dtype=dtype)
+    out = {"ToMe step (torch)": traced_peak(lambda: _torch_step(metric, x, r), [metric, x])[0]}
+    out["tokops"] = traced_peak(lambda: _tokops_step(metric, x, r), [metric, x])[0] + match_workspace_bytes(
+        B, N, dtype)
+    return out
+
+
 def _sizes(device: str, quick: bool):
     if device == "cuda" and not quick:
         sizes = []
@@ -80,6 +107,17 @@ def cases(device: str, quick: bool) -> list[Case]:
         out.append(Case("merge", "ToMe layer: bipartite_soft_matching + merge_wavg", params, fns,
                         bytes=layer_bytes, flops=2.0 * B * ((N + 1) // 2) * (N // 2) * C,
                         notes="flops: the A x B cosine scores", extra=_peaks(fns, device)))
+
+        # one ToMe step as the issue-12 target counts it: match + size-weighted merge + unmerge
+        fns = {"ToMe step (torch)": lambda metric=metric, x=x, r=r: _torch_step(metric, x, r)}
+        for be in _impls(device, "tome_match"):
+            mbe = be if _registry.has_impl("tome_segment_reduce", be) else "triton"
+            fns[_label(be)] = lambda metric=metric, x=x, r=r, be=be, mbe=mbe: _tokops_step(metric, x, r, be, mbe)
+        step_bytes = 2 * B * N * C * e + 2 * B * (N - r) * C * e + B * N * C * e
+        out.append(Case("merge", "ToMe step: match + merge_wavg + unmerge", params, fns, bytes=step_bytes,
+                        flops=2.0 * B * ((N + 1) // 2) * (N // 2) * C,
+                        notes="peak extra MiB: measured on a GPU, ~ traced on meta tensors (benchmarks.memtrack)",
+                        extra={**_peaks(fns, device), "traced_peak_bytes": _traced_step_peaks(B, N, C, dtype, r)}))
 
         # the matching step alone: fused kernel vs score matrix + max
         nA, nB = (N + 1) // 2, N // 2

@@ -12,7 +12,9 @@ Triton bundles); no GPU is needed:
 * ``spill_stores`` / ``spill_loads``: the number of local-memory store / load instructions
   (``STL`` / ``LDL``) in the kernel's SASS (``cuobjdump --dump-sass``); with ``stack_bytes == 0``
   they are 0 and nothing spills;
-* ``sass_instructions``: the kernel's SASS instruction count (``NOP`` padding excluded).
+* ``sass_instructions``: the kernel's SASS instruction count (``NOP`` padding excluded);
+* ``mma``: tensor-core instructions in the SASS (``HMMA`` from ``mma.sync`` / WMMA, ``HGMMA`` from
+  ``wgmma``): 0 means the kernel runs on the CUDA cores only.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import sys
 from pathlib import Path
 
 KEYS = ("kernel", "arch", "registers", "spill_stores", "spill_loads", "shared_bytes", "stack_bytes",
-        "local_bytes", "sass_instructions")
+        "local_bytes", "sass_instructions", "mma")
 
 
 def extension_path() -> str | None:
@@ -117,7 +119,8 @@ def parse_sass(text: str) -> dict[tuple[str, str], dict]:
             ops = re.findall(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", block, re.M)
             res[(name, arch)] = {"sass_instructions": sum(op != "NOP" for op in ops),
                                  "spill_stores": sum(op == "STL" for op in ops),
-                                 "spill_loads": sum(op == "LDL" for op in ops)}
+                                 "spill_loads": sum(op == "LDL" for op in ops),
+                                 "mma": sum(op.startswith(("HMMA", "HGMMA")) for op in ops)}
     return res
 
 
@@ -150,7 +153,7 @@ def cuda_kernel_rows(so_path: str | None = None, *, sass: bool = True) -> list[d
         row = {"kernel": names[mangled], "arch": arch, "registers": u["registers"],
                "spill_stores": None, "spill_loads": None, "shared_bytes": u["shared_bytes"],
                "stack_bytes": u["stack_bytes"], "local_bytes": u["local_bytes"], "sass_instructions": None,
-               "mangled": mangled}
+               "mma": None, "mangled": mangled}
         row.update(counts.get((mangled, arch), {}))
         rows.append(row)
     rows.sort(key=lambda r: (r["kernel"], r["arch"], r["mangled"]))
@@ -158,11 +161,11 @@ def cuda_kernel_rows(so_path: str | None = None, *, sass: bool = True) -> list[d
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["kernel", "arch", "registers", "spill STL", "spill LDL", "shared (B)", "stack (B)", "SASS instr."]
+    head = ["kernel", "arch", "registers", "spill STL", "spill LDL", "shared (B)", "stack (B)", "SASS instr.", "HMMA"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         vals = [f"`{r['kernel']}`", r["arch"], r["registers"], r["spill_stores"], r["spill_loads"],
-                r["shared_bytes"], r["stack_bytes"], r["sass_instructions"]]
+                r["shared_bytes"], r["stack_bytes"], r["sass_instructions"], r["mma"]]
         lines.append("| " + " | ".join("-" if v is None else str(v) for v in vals) + " |")
     return "\n".join(lines) + "\n"
 

@@ -397,6 +397,8 @@ def merge_cases(quick: bool):
             r = max(1, N // 4)
             _tag(f"N={N} C={C}")
             m.tome_match(x, None, True, False)
+            # bf16: the variant with the per-sequence branch to the exact scaled path (extreme rows)
+            m.tome_match(_meta((B, N, C), torch.bfloat16), None, True, False)
             m.pitome_energy(x, 0.9, 1.0, True)
             n_out = N - r
             m.segment_reduce(x, None, _meta((B, N), torch.int64), _meta((B, n_out + 1), torch.int64), "mean")

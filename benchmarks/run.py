@@ -120,6 +120,18 @@ def _fmt(v, nd=3):
     return str(v)
 
 
+def _mem(r: dict) -> str:
+    """Peak extra memory of this row's implementation in MiB: measured on the GPU (``peak_bytes``),
+    else traced on meta tensors (``traced_peak_bytes``, shown as ``~N``); ``-`` when neither."""
+    measured = r.get("peak_bytes", {}).get(r["impl"])
+    if isinstance(measured, int):
+        return f"{measured / 2**20:.3g}"
+    traced = r.get("traced_peak_bytes", {})
+    # the kernels' backends share one traced figure; the torch backend's match chunks are not in it
+    t = traced.get(r["impl"], traced.get("tokops") if r["impl"] in ("tokops triton", "tokops cuda") else None)
+    return "-" if t is None else f"~{t / 2**20:.3g}"
+
+
 def markdown(env: dict, rows: list[dict], copy_bw: float | None, complete: bool = True) -> str:
     lines = ["# tokops microbenchmarks", ""]
     if not complete:
@@ -131,14 +143,15 @@ def markdown(env: dict, rows: list[dict], copy_bw: float | None, complete: bool 
         lines += ["", "> **CPU timings.** No GPU here: the torch reference and the Triton interpreter ran on "
                   "the CPU at small sizes. These numbers say nothing about GPU performance."]
     lines += ["", "Speedup is the baseline's time (first row of each case) over this row's time.", "",
-              "| family | case | params | impl | time (ms) | GB/s | TFLOP/s | speedup | % HBM limit | % peak | note |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| family | case | params | impl | time (ms) | GB/s | TFLOP/s | speedup | % HBM limit | % peak | "
+              "peak extra MiB | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         lines.append("| " + " | ".join([
             r["family"], r["case"], params, r["impl"], _fmt(r.get("time_ms")), _fmt(r.get("GB/s")),
             _fmt(r.get("TFLOP/s")), _fmt(r.get("speedup")), _fmt(r.get("pct_hbm_limit")),
-            _fmt(r.get("pct_peak_flops")), r.get("error", r.get("notes", ""))]) + " |")
+            _fmt(r.get("pct_peak_flops")), _mem(r), r.get("error", r.get("notes", ""))]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -574,9 +574,12 @@ ptr = lambda dt: "*" + dt
 for dt in ("fp32", "fp16"):
     ieee = dt == "fp32"
     jobs = [
-        (K._match_kernel, dict(m_ptr=ptr(dt), inv_ptr="*fp32", valid_ptr="*i8", max_ptr="*fp32", idx_ptr="*i64",
-                               N="i32", C="i32", nA="i32", nB="i32", sm_b="i32", sm_n="i32"),
-         dict(CLS=True, DIST=True, HAS_VALID=True, IEEE=ieee, BM=64, BN=64, BK=64)),
+        (K._match_kernel, dict(m_ptr=ptr(dt), inv_ptr="*fp32", valid_ptr="*i8", exp_ptr="*i32", flag_ptr="*i32",
+                               max_ptr="*fp32", idx_ptr="*i64", N="i32", C="i32", nA="i32", nB="i32", sm_b="i32",
+                               sm_n="i32"),
+         dict(CLS=True, DIST=True, HAS_VALID=True, IEEE=ieee, SCALE=ieee, BM=64, BN=64, BK=64)),
+        (K._row_norm_kernel, dict(m_ptr=ptr(dt), inv_ptr="*fp32", exp_ptr="*i32", flag_ptr="*i32", rows="i32",
+                                  N="i32", C="i32"), dict(SCALE=ieee, BR=8, BC=256)),
         (K._energy_kernel, dict(m_ptr=ptr(dt), inv_ptr="*fp32", out_ptr="*fp32", N="i32", C="i32", sm_b="i32",
                                 sm_n="i32", margin="fp32", alpha="fp32"),
          dict(ELU=False, IEEE=ieee, BM=64, BN=64, BK=64)),

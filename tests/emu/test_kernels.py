@@ -211,6 +211,101 @@ def test_match_with_padding_mask(cuda_api):
     torch.testing.assert_close(got[0][fin], exp[0][fin], atol=2e-6, rtol=0)
 
 
+def _match_oracle(metric, valid, cls, dist):
+    """float64 scores of the (unscaled) metric with the op's masks: (scores, node_max, node_idx)."""
+    s = TM._scores64(metric, cls, dist)
+    if valid is not None:
+        s = s.masked_fill(~valid[:, 1::2][:, None, :] | ~valid[:, 0::2][:, :, None], -math.inf)
+    mx, ix = s.max(-1)
+    return s, mx, ix
+
+
+def _check_match(got, metric, valid, cls, dist, tol):
+    """node_max within ``tol`` of the float64 answer; node_idx equal to it wherever the row's best
+    beats its runner-up by more than 2 * tol, else an index whose float64 score is within tol."""
+    s, mx, ix = _match_oracle(metric, valid, cls, dist)
+    got_max, got_idx = got
+    fin = torch.isfinite(mx)
+    assert torch.equal(torch.isfinite(got_max), fin)
+    assert torch.equal(got_idx[~fin], torch.zeros_like(got_idx[~fin]))  # no finite score: (-inf, 0)
+    torch.testing.assert_close(got_max[fin].double(), mx[fin], atol=tol, rtol=0)
+    top2 = s.topk(2, dim=-1).values
+    clear = fin & (top2[..., 0] - top2[..., 1] > 2 * tol)
+    assert torch.equal(got_idx[clear], ix[clear])
+    picked = s.gather(-1, got_idx[..., None])[..., 0]
+    assert ((picked - mx)[fin].abs() <= tol).all()
+
+
+# Tensor-core tiles are 128 x 128 (BK = 32, 3 stages): N = 301 / 517 give two / three row blocks and
+# B tiles with ragged tails; C = 136 (5 K steps: the pipeline wraps, an 8-channel tail, 16-B copies),
+# C = 100 (not a multiple of 8: plain loads), C = 8 (one partial K step).
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("N,C", [(301, 136), (517, 8), (258, 100)])
+@pytest.mark.parametrize("cls,masked", [(False, False), (True, True)])
+def test_match_tensor_core_tiles(cuda_api_one_seed, N, C, cls, masked, dtype):
+    g = torch.Generator().manual_seed(N + C)
+    metric = (torch.randn(2, N, C, generator=g) + 0.3 * torch.randn(2, 1, C, generator=g)).to(dtype)
+    valid = None
+    if masked:
+        valid = torch.rand(2, N, generator=g) > 0.2
+        valid[1, N // 2:] = False  # a padded tail
+    got = torch.ops.tokops.tome_match(metric, valid, cls, cls, "cuda")
+    _check_match(got, metric, valid, cls, cls, 2e-6 if dtype == torch.float32 else 1e-5)
+    if masked:  # padding rows: (-inf, 0); padding columns never chosen
+        assert torch.isinf(got[0][~valid[:, 0::2]]).all()
+        chosen = torch.isfinite(got[0])
+        assert valid[:, 1::2].gather(1, got[1])[chosen].all()
+
+
+def test_match_unaligned_input_takes_plain_loads(cuda_api):
+    """A contiguous view whose data pointer is not 16-byte aligned (C % 8 == 0): no 16-B cp.async."""
+    g = torch.Generator().manual_seed(1)
+    buf = torch.randn(2 * 150 * 64 + 1, generator=g).to(torch.float16)
+    metric = buf[1:].view(2, 150, 64)
+    assert metric.is_contiguous() and metric.data_ptr() % 16 != 0
+    got = torch.ops.tokops.tome_match(metric, None, True, True, "cuda")
+    _check_match(got, metric, None, True, True, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_match_extreme_magnitudes_exact(cuda_api, dtype):
+    """Rows beyond the fp32 dot's range (sequence 0 at 2**90, one row of sequence 1 at 2**-100): the
+    row norm kernel flags them and the exact SIMT path divides them by 2**e, so the result is that of
+    the normal-range rows. Sequence 2 (not flagged: bf16 on the tensor cores) is unaffected."""
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(3, 140, 40, generator=g) + 0.3 * torch.randn(3, 1, 40, generator=g)).to(dtype)
+    metric = base.clone()
+    metric[0] *= 2.0 ** 90
+    metric[1, 7] *= 2.0 ** -100
+    got = torch.ops.tokops.tome_match(metric, None, False, False, "cuda")
+    want = torch.ops.tokops.tome_match(base, None, False, False, "cuda")
+    assert torch.equal(got[0][2], want[0][2]) and torch.equal(got[1][2], want[1][2])
+    if dtype == torch.float32:  # the same fp32 path on the same (rescaled) values: bit-identical
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    _check_match(got, base, None, False, False, 2e-6 if dtype == torch.float32 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_match_allocates_only_outputs_and_workspace(cuda_api_one_seed, dtype):
+    """The CUDA host code allocates the two outputs and the O(B N) workspace of
+    benchmarks.memtrack.match_workspace_bytes, nothing else: no copy of metric (every allocation of
+    the CPU allocator, C++ included, as the profiler records it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.memtrack import match_workspace_bytes
+
+    B, N, C = 2, 70, 64
+    metric = torch.randn(B, N, C, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = torch.ops.tokops.tome_match(metric, None, True, False, "cuda")
+    # each allocation is the self memory of the ATen op that made it (at::empty / at::zeros called by
+    # the C++ host code are recorded too); the op that frees the workspace has a negative self memory
+    allocated = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    nA = (N + 1) // 2
+    assert allocated == 12 * B * nA + match_workspace_bytes(B, N, dtype)
+    _check_match(out, metric, None, True, False, 2e-6 if dtype == torch.float32 else 1e-5)
+
+
 # --------------------------------------------------------------------------- block-sparse attention
 FWD_CASES = [  # (B, H, Hkv, Nq, Nk, D, block_q, block_k, causal, bias_dim)
     (1, 2, 2, 100, 100, 64, 64, 64, False, None),

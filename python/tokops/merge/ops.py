@@ -287,22 +287,6 @@ def _edge_order(node_max: torch.Tensor, class_token: bool) -> torch.Tensor:
     return edge
 
 
-_HUGE, _TINY = 2.0 ** 50, 2.0 ** -50
-
-
-def _scaled_metric(metric: torch.Tensor) -> torch.Tensor:
-    """Rows whose magnitude would overflow / underflow the fp32 norm (``max|x| > 2**50`` or
-    ``< 2**-50``) scaled by a power of two (exact; cosine similarity is scale invariant); other rows
-    untouched (the same bits).  No host sync."""
-    if metric.dtype == torch.float16:  # |x| <= 65504 and >= 2**-24: never out of range
-        return metric
-    amax = metric.detach().abs().amax(-1, keepdim=True).float()
-    need = ((amax > _HUGE) | (amax < _TINY)) & (amax > 0) & torch.isfinite(amax)
-    e = torch.where(need, torch.frexp(amax).exponent, 0).to(torch.float32)  # 0: factor 1, bits unchanged
-    h = torch.trunc(e / 2)  # two power-of-two factors, each representable in fp32 / bf16
-    return (metric * torch.exp2(-h).to(metric.dtype) * torch.exp2(h - e).to(metric.dtype)).contiguous()
-
-
 def _finish(slot, n_out, N, r, class_token, distill_token, unm=None, src=None, dst=None, valid=None, r_rows=None):
     order, offsets = _csr(slot, n_out)
     return Matching(slot, order, offsets, n_out, N, r, class_token, distill_token, unm, src, dst, valid, r_rows)
@@ -333,7 +317,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r, class_token: bool = False, 
     before the protected class token.  Without ``valid`` such a token still merges (into B token 0)
     once ``r`` exceeds the tokens with a finite score; with ``valid`` it never merges.  Rows of huge
     or tiny magnitude are rescaled by a power of two first (exact), so they match like their
-    normal-range copies.
+    normal-range copies (inside every match backend, without a copy of ``metric``).
 
     ``valid: (B, N) bool`` (padded batches): padding tokens are never sources or destinations; each
     row merges ``r_b`` of its own valid tokens; the output row holds the surviving valid tokens in
@@ -374,7 +358,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r, class_token: bool = False, 
         if r_int <= 0:
             return _identity(B, N, metric.device, class_token, distill_token)
         with torch.no_grad():
-            node_max, node_idx = _match_op(_scaled_metric(metric.detach()), None, class_token, distill_token, be)
+            node_max, node_idx = _match_op(metric.detach(), None, class_token, distill_token, be)
             edge = _edge_order(node_max, class_token)
             src_idx = edge[:, :r_int]
             unm_idx = edge[:, r_int:]
@@ -389,7 +373,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r, class_token: bool = False, 
         raise ValueError("valid: the padded path (valid=...) reads per-row token counts on the host and cannot "
                          "run on meta tensors; got metric and valid on the meta device")
     with torch.no_grad():
-        node_max, node_idx = _match_op(_scaled_metric(metric.detach()), valid, class_token, distill_token, be)
+        node_max, node_idx = _match_op(metric.detach(), valid, class_token, distill_token, be)
         n_valid = valid.sum(1)
         r_rows = _rows_r(r, n_valid, protected)
         # never more sources than valid A tokens that have a valid destination (finite node_max)

@@ -251,15 +251,31 @@ def _chunk_rows(n_rows: int, n_cols: int, budget: int = 1 << 24) -> int:
     return max(1, min(n_rows, budget // max(1, n_cols)))
 
 
-def _unit(metric: torch.Tensor) -> torch.Tensor:
+_HUGE, _TINY = 2.0 ** 50, 2.0 ** -50
+
+
+def row_exponent(m: torch.Tensor) -> torch.Tensor:
+    """int32 ``(..., 1)``: ``e`` with ``max|row| = f * 2**e``, ``f`` in [0.5, 1), for the rows whose
+    fp32 dots would overflow or flush (``max|row| > 2**50`` or ``< 2**-50``, finite, non-zero), else
+    0.  Every match backend divides such a row by ``2**e`` (exact; cosine is scale invariant)."""
+    amax = torch.maximum(m.amax(-1, keepdim=True), -m.amin(-1, keepdim=True)).float()  # no |m| copy
+    need = ((amax > _HUGE) | (amax < _TINY)) & (amax > 0) & torch.isfinite(amax)
+    return torch.where(need, torch.frexp(amax).exponent, 0).to(torch.int32)
+
+
+def _unit(metric: torch.Tensor, rescale: bool = False) -> torch.Tensor:
     m = metric.float()
+    if rescale:  # rows of extreme magnitude divided by 2**e, in two exact power-of-two steps
+        e = row_exponent(m).float()
+        h = torch.trunc(e / 2)
+        m = m * torch.exp2(-h) * torch.exp2(h - e)
     return m / m.norm(dim=-1, keepdim=True)
 
 
 def tome_match_torch(metric, valid, class_token: bool, distill_token: bool):
     """``node_max, node_idx = max_j cos(a_i, b_j)`` (fp32, int64), chunked over A rows so that
-    at most ~16M scores live at once."""
-    m = _unit(metric)
+    at most ~16M scores live at once.  Rows of extreme magnitude are rescaled first (``row_exponent``)."""
+    m = _unit(metric, rescale=True)
     a, b = m[:, 0::2], m[:, 1::2]
     B, nA, nB = a.shape[0], a.shape[1], b.shape[1]
     if nB == 0:  # a single token: nothing to match
