@@ -480,6 +480,9 @@ def _prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
         validate_cu_seqlens(cu_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
         validate_cu_seqlens(cu_k, k.shape[0], max_seqlen_k, "cu_seqlens_k")
     # blocks of every sequence counted from its start: the mask's grid covers max_seqlen_q x max_seqlen_k
+    if isinstance(mask, BlockMask) and (mask.q_len, mask.k_len) != (max_seqlen_q, max_seqlen_k):
+        raise ValueError(f"mask: a varlen block mask covers the max_seqlen_q x max_seqlen_k grid "
+                         f"({max_seqlen_q} x {max_seqlen_k}), got mask.q_len={mask.q_len}, mask.k_len={mask.k_len}")
     mask = as_block_mask(mask, max_seqlen_q, max_seqlen_k, block_q, block_k, q.device)
     validate_mask(mask, S, H, max_seqlen_q, max_seqlen_k, q.device, read_values=check_mask and read_values)
     if not (check_mask and read_values):
