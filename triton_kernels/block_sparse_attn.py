@@ -11,6 +11,13 @@
   (query blocks of each key block, built in Python from the CSR mask).  A dK/dV program owns one
   KV head and loops over the query heads of its GQA group, so no atomics are needed.
 * Key mass: the dV pass with ``dO = 1``: ``mass[b,h,j] = sum_i exp(s_ij - lse_i)``.
+* Varlen (packed sequences, FlashAttention's ``cu_seqlens`` convention; ``VARLEN=True``): the same
+  kernels, with ``b`` the sequence: ``q (total_q, H, D)`` / ``k, v (total_k, H_kv, D)`` are addressed
+  with batch stride 0 from the sequence's start row ``cu_seqlens[b]`` (read on the device, clamped to
+  the packed tensors and to ``max_seqlen``: bad ``cu_seqlens`` are never an out-of-bounds access), the
+  per-sequence lengths replace ``Nq``/``Nk`` (ragged tails masked, causal bottom-right per sequence),
+  the grids cover ``max_seqlen`` (tiles past a shorter sequence's end walk nothing), and the row
+  statistics (lse, delta, dbias, mass) are ``(H, total)``.  The flat loops are unchanged (pipelined).
 
 Mask bound checks (the mask values are validated on the host only in eager mode with
 ``check_mask=True``): every kernel clamps a block count to ``[0, nBlocks]`` and skips a block index
@@ -447,12 +454,25 @@ _TILES = {
 }
 
 
-def _tiles(block_q: int, block_k: int, D: int, kind: str, dtype=torch.float16):
+# Varlen (VARLEN=True) overrides: the sequence bounds read from cu_seqlens are runtime values (the
+# padded kernels get theirs as parameters, with divisibility hints), which costs registers; where the
+# padded tile spilled with them (kernel_check, full matrix, causal + key bias), these fit on sm_80 and
+# sm_90 without spilling (16-bit dQ at D<=64 on sm_80: the padded kernel's accepted small spill), still
+# pipelined.
+_TILES_VARLEN = {
+    ("fwd", 128, True): (32, 16, 8, 2), ("fwd", 256, True): (32, 16, 8, 2),
+    ("dq", 64, False): (64, 64, 8, 2), ("dkdv", 64, False): (64, 64, 8, 2),
+    ("dq", 128, True): (16, 32, 8, 2),  # (fp32 dQ at D=256 keeps the padded tile: 16 rows spill on sm_90)
+}
+
+
+def _tiles(block_q: int, block_k: int, D: int, kind: str, dtype=torch.float16, varlen: bool = False):
     """(BM, BN, BD, num_warps, num_stages). BM | block_q and BN | block_k."""
     bd = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16; padded channels are masked
     if triton_interpreter():  # bigger tiles = fewer interpreted steps
         return min(64, block_q), min(64, block_k), bd, 4, 1
-    bm, bn, warps, stages = _TILES[(kind, max(64, bd), dtype == torch.float32)]
+    key = (kind, max(64, bd), dtype == torch.float32)
+    bm, bn, warps, stages = (_TILES_VARLEN.get(key) if varlen else None) or _TILES[key]
     return min(bm, block_q), min(bn, block_k), bd, warps, stages
 
 
@@ -523,7 +543,7 @@ def _fwd(L: _Layout, q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causa
     num = kv_num_blocks.expand(B, H, -1)
     idx = kv_indices.expand(B, H, -1, -1)
     bias, sbb, sbh, has_bias = bias_args
-    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "fwd", q.dtype)
+    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "fwd", q.dtype, L.varlen)
     n_tiles = triton.cdiv(Nq, BM) * B * H
     nk = idx.shape[-1]
     splits = _num_splits(n_tiles, nk, q.device) if num_splits is None else max(1, min(int(num_splits), nk))
@@ -620,14 +640,14 @@ def _bwd(L: _Layout, dout, q, k, v, out, lse, dlse, kv_num_blocks, kv_indices, q
     qi = q_indices.expand(B, H, -1, -1)
     common = dict(BLOCK_Q=block_q, BLOCK_K=block_k, CAUSAL=bool(causal), HAS_BIAS=has_bias, PREC=_prec(q.dtype),
                   VARLEN=L.varlen)
-    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dq", q.dtype)
+    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dq", q.dtype, L.varlen)
     _bwd_dq_kernel[(triton.cdiv(L.Nq, BM), B * H)](
         q, k, v, bias, dout, lse, delta, dq, num, idx, L.cu_q, L.cu_k,
         *L.s(q), *L.s(k), *L.s(v), *L.s(dout),
         sbb, sbh, *num.stride(), *idx.stride()[:3],
         H, H // Hkv, L.Nq, L.Nk, D, L.TQ, L.TK, idx.shape[-1], _qk_scale(scale), scale,
         BM=BM, BN=BN, BD=BD, num_warps=warps, num_stages=stages, **common)
-    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dkdv", q.dtype)
+    BM, BN, BD, warps, stages = _tiles(block_q, block_k, D, "dkdv", q.dtype, L.varlen)
     _bwd_dkdv_kernel[(triton.cdiv(L.Nk, BN), B * Hkv)](
         q, k, v, bias, dout, lse, delta, dk, dv, dbias_arg, qn, qi, L.cu_q, L.cu_k,
         *L.s(q), *L.s(k), *L.s(v), *L.s(dout),
@@ -659,7 +679,7 @@ def _key_mass(L: _Layout, q, k, lse, q_num_blocks, q_indices, block_q, block_k, 
     qn = q_num_blocks.expand(B, H, -1)
     qi = q_indices.expand(B, H, -1, -1)
     bias, sbb, sbh, has_bias = bias_args
-    BM, BN, BD, warps, stages = _tiles(block_q, block_k, L.D, "mass", q.dtype)
+    BM, BN, BD, warps, stages = _tiles(block_q, block_k, L.D, "mass", q.dtype, L.varlen)
     _mass_kernel[(triton.cdiv(L.Nk, BN), B * H)](
         q, k, bias, lse.contiguous(), mass, qn, qi, L.cu_q, L.cu_k,
         *L.s(q), *L.s(k), sbb, sbh, *qn.stride(), *qi.stride()[:3],
