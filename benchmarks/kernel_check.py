@@ -146,7 +146,8 @@ class Record:
 
 
 _CONFIG_KEYS = ("BITS", "BITS_K", "BITS_V", "G", "U", "BC", "FP8", "NATIVE_FP8", "K_AXIS", "V_AXIS", "DOT_DTYPE",
-                "BM", "BN", "BD", "BQ", "BS", "BR", "BK", "BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_BIAS", "PREC", "SPLIT", "VARLEN",
+                "BM", "BN", "BD", "BQ", "BS", "BR", "BK", "BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_BIAS", "PREC", "SPLIT",
+                "VARLEN",
                 "MODE", "CLS", "DIST", "HAS_VALID", "IEEE", "ELU")
 
 

@@ -132,7 +132,8 @@ def test_varlen_matches_each_sequence_alone_fp64(backend_device, case):
     out, lse = block_sparse_attention_varlen(
         q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), None if dense is None else dense.to(device), causal=causal,
         key_bias=bias, return_lse=True, block_q=bq, block_k=bk, backend=backend)
-    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (H, sum(lens_q)) and lse.dtype == torch.float32
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (H, sum(lens_q)) and lse.dtype == torch.float32
     assert not out.isnan().any() and not lse.isnan().any()
 
     rl = [t.detach().cpu().double().requires_grad_(True) for t in leaves]
@@ -208,9 +209,8 @@ def test_varlen_key_mass_matches_each_sequence_alone(backend_device, case):
     if lens_q == lens_k:
         s = 2
         lq, q0 = lens_q[s], sum(lens_q[:s])
-        m = BlockMask.from_dense(dense[s if dense.shape[0] > 1 else 0][None][..., :math.ceil(lq / bq),
-                                                                             :math.ceil(lq / bk)].contiguous().to(device),
-                                 bq, bk, lq, lq)
+        ds = dense[s if dense.shape[0] > 1 else 0][None][..., :math.ceil(lq / bq), :math.ceil(lq / bk)]
+        m = BlockMask.from_dense(ds.contiguous().to(device), bq, bk, lq, lq)
         bs = None if bias is None else (bias[q0:q0 + lq][None] if bias.dim() == 1 else bias[:, q0:q0 + lq][None])
         _, pm = attention_with_key_mass(q[q0:q0 + lq].transpose(0, 1)[None], k[q0:q0 + lq].transpose(0, 1)[None],
                                         v[q0:q0 + lq].transpose(0, 1)[None], m, causal=causal, key_bias=bs,
@@ -298,7 +298,8 @@ def _bad_calls():
     yield "q", ValueError, call(q=q[None])
     yield "k", ValueError, call(k=k[:, :, :8])
     yield "v", ValueError, call(v=v[:-1])
-    yield "heads", ValueError, call(k=k[:, :1].expand(-1, 3, -1)[:, :3].contiguous(), v=v[:, :1].expand(-1, 3, -1).contiguous())
+    k3, v3 = (t[:, :1].expand(-1, 3, -1).contiguous() for t in (k, v))  # 3 KV heads for 2 query heads
+    yield "heads", ValueError, call(k=k3, v=v3)
     yield "key_bias", ValueError, lambda: block_sparse_attention_varlen(q, k, v, cu, cu, n, n, key_bias=bias[:-1])
     yield "key_bias", TypeError, lambda: block_sparse_attention_varlen(q, k, v, cu, cu, n, n, key_bias=bias.double())
     yield "mask", ValueError, lambda: block_sparse_attention_varlen(  # a batch dim of 3 for 2 sequences

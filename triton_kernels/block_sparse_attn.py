@@ -53,13 +53,25 @@ def _seq_bounds(Cu, b, total, max_len):
 
 
 @triton.jit
-def _row0(b, h, H, N, start, total, VARLEN: tl.constexpr):
-    """First element of (sequence/batch b, head h) in a row-statistics tensor (lse, delta, dbias,
-    mass): padded ``(B, H, N)``, varlen ``(H, total)`` (``start`` = the sequence's first row)."""
+def _row0(bh, h, N, start, total, VARLEN: tl.constexpr):
+    """First element of (batch b, head h) -- ``bh = b * H + h`` -- in a row-statistics tensor (lse,
+    delta, dbias, mass): padded ``(B, H, N)``, varlen ``(H, total)`` (``start`` = the sequence's first
+    row)."""
     if VARLEN:
         r = h * total + start
     else:
-        r = (b * H + h) * N
+        r = bh.to(tl.int64) * N
+    return r
+
+
+@triton.jit
+def _row_clamp(n_blocks, n_row, VARLEN: tl.constexpr):
+    """The bound of a mask row's block count: the row's length (varlen: the sequence's own block count
+    is smaller than the row of the max_seqlen grid); padded: the two are equal."""
+    if VARLEN:
+        r = n_row
+    else:
+        r = n_blocks
     return r
 
 
@@ -116,7 +128,8 @@ def _fwd_kernel(Q, K, V, Bias, Out, Lse, KVN, KVI, PAcc, PM, PL, CuQ, CuK,
         lim_n = pid_m * BM + BM - 1 + causal_off  # last key any row of this tile may see
     n_kb = tl.cdiv(Nk, BLOCK_K)
     # bound check: the count is clamped to the mask row's length (n_kb_row = nK of the mask)
-    nblk = tl.minimum(tl.maximum(tl.load(KVN + b * snb + h * snh + qblk * snq), 0), n_kb_row)
+    nblk = tl.minimum(tl.maximum(tl.load(KVN + b * snb + h * snh + qblk * snq), 0),
+                      _row_clamp(n_kb, n_kb_row, VARLEN))
     if VARLEN:  # a query tile past the end of its (shorter) sequence walks nothing
         nblk = tl.where(pid_m * BM < Nq, nblk, 0)
     t_lo = split * per_split
@@ -150,7 +163,7 @@ def _fwd_kernel(Q, K, V, Bias, Out, Lse, KVN, KVI, PAcc, PM, PL, CuQ, CuK,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     mmask = offs_m < Nq
-    lrow = _row0(b, h, H, Nq, q0, TQ, VARLEN)  # this (sequence, head)'s first row in the LSE layout
+    lrow = _row0(bh, h, Nq, q0, TQ, VARLEN)  # this (sequence, head)'s first row in the LSE layout
     if SPLIT:  # flash-decoding: partial (acc, m, l) per split, merged by _combine_kernel
         row = split.to(tl.int64) * LN + lrow + offs_m
         tl.store(PAcc + row[:, None] * BD + offs_d[None, :], acc, mask=mmask[:, None])
@@ -186,7 +199,7 @@ def _combine_kernel(PAcc, PM, PL, Out, Lse, CuQ, sob, soh, son, H, LN, Nq, D, TQ
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     mmask = offs_m < Nq
-    lrow = _row0(b, h, H, Nq, q0, TQ, VARLEN)
+    lrow = _row0(bh, h, Nq, q0, TQ, VARLEN)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
@@ -246,7 +259,7 @@ def _bwd_dq_kernel(Q, K, V, Bias, DO, Lse, Delta, DQ, KVN, KVI, CuQ, CuK,
     q = tl.load(Q + b * sqb + h * sqh + q0 * sqn + offs_m[:, None] * sqn + offs_d[None, :], mask=qd_mask, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + q0 * sdn + offs_m[:, None] * sdn + offs_d[None, :], mask=qd_mask,
                  other=0.0)
-    lrow = _row0(b, h, H, Nq, q0, TQ, VARLEN)
+    lrow = _row0(bh, h, Nq, q0, TQ, VARLEN)
     lse = tl.load(Lse + lrow + offs_m, mask=mmask, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(Delta + lrow + offs_m, mask=mmask, other=0.0)
@@ -258,7 +271,8 @@ def _bwd_dq_kernel(Q, K, V, Bias, DO, Lse, Delta, DQ, KVN, KVI, CuQ, CuK,
     if CAUSAL:
         lim_n = pid_m * BM + BM - 1 + causal_off  # last key any row of this tile may see
     n_kb = tl.cdiv(Nk, BLOCK_K)
-    nblk = tl.minimum(tl.maximum(tl.load(KVN + b * snb + h * snh + qblk * snq), 0), n_kb_row)  # bound check
+    nblk = tl.minimum(tl.maximum(tl.load(KVN + b * snb + h * snh + qblk * snq), 0),
+                      _row_clamp(n_kb, n_kb_row, VARLEN))  # bound check
     if VARLEN:
         nblk = tl.where(pid_m * BM < Nq, nblk, 0)
     kvi = KVI + b * sib + h * sih + qblk * siq
@@ -319,11 +333,13 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, DO, Lse, Delta, DK, DV, DBias, QN, QI, CuQ, 
     SUBS: tl.constexpr = BLOCK_Q // BM
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        lrow = _row0(b, h, H, Nq, q0, TQ, VARLEN)
+        bh = b * H + h
+        lrow = _row0(bh, h, Nq, q0, TQ, VARLEN)
         dbias = tl.zeros([BN], tl.float32)
         if HAS_BIAS:
             bias = tl.load(Bias + b * sbb + h * sbh + k0 + offs_n, mask=nmask, other=0.0) * 1.4426950408889634
-        nblk = tl.minimum(tl.maximum(tl.load(QN + b * snb + h * snh + kblk * snk), 0), n_qb_row)  # bound check
+        nblk = tl.minimum(tl.maximum(tl.load(QN + b * snb + h * snh + kblk * snk), 0),
+                          _row_clamp(n_qb, n_qb_row, VARLEN))  # bound check
         if VARLEN:  # a key tile past the end of its (shorter) sequence walks nothing
             nblk = tl.where(pid_n * BN < Nk, nblk, 0)
         qib = QI + b * sib + h * sih + kblk * sik
@@ -358,7 +374,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, DO, Lse, Delta, DK, DV, DBias, QN, QI, CuQ, 
             if HAS_BIAS:
                 dbias += tl.sum(dsT, 1)
         if HAS_BIAS:
-            tl.store(DBias + _row0(b, h, H, Nk, k0, TK, VARLEN) + offs_n, dbias, mask=nmask)
+            tl.store(DBias + _row0(bh, h, Nk, k0, TK, VARLEN) + offs_n, dbias, mask=nmask)
     tl.store(DK + b * skb + hk * skh + k0 * skn + offs_n[:, None] * skn + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
     tl.store(DV + b * svb + hk * svh + k0 * svn + offs_n[:, None] * svn + offs_d[None, :],
@@ -398,12 +414,13 @@ def _mass_kernel(Q, K, Bias, Lse, Mass, QN, QI, CuQ, CuK,
     if CAUSAL:
         lim_m = pid_n * BN - BM + 1 - causal_off  # query tiles starting below this see no key of the tile
     n_qb = tl.cdiv(Nq, BLOCK_Q)
-    nblk = tl.minimum(tl.maximum(tl.load(QN + b * snb + h * snh + kblk * snk), 0), n_qb_row)  # bound check
+    nblk = tl.minimum(tl.maximum(tl.load(QN + b * snb + h * snh + kblk * snk), 0),
+                      _row_clamp(n_qb, n_qb_row, VARLEN))  # bound check
     if VARLEN:
         nblk = tl.where(pid_n * BN < Nk, nblk, 0)
     qib = QI + b * sib + h * sih + kblk * sik
     qbase = Q + b * sqb + h * sqh + q0 * sqn
-    lbase = Lse + _row0(b, h, H, Nq, q0, TQ, VARLEN)
+    lbase = Lse + _row0(bh, h, Nq, q0, TQ, VARLEN)
     SUBS: tl.constexpr = BLOCK_Q // BM
     for it in range(0, nblk * SUBS):  # flat, loads at top level: pipelined (see _fwd_kernel)
         qb = tl.load(qib + it // SUBS)
@@ -424,7 +441,7 @@ def _mass_kernel(Q, K, Bias, Lse, Mass, QN, QI, CuQ, CuK,
         if CAUSAL:
             valid = valid & (offs_n[:, None] <= offs_m[None, :] + causal_off)
         mass += tl.sum(tl.where(valid, tl.exp2(sT - lse2[None, :]), 0.0), 1)
-    tl.store(Mass + _row0(b, h, H, Nk, k0, TK, VARLEN) + offs_n, mass, mask=nmask)
+    tl.store(Mass + _row0(bh, h, Nk, k0, TK, VARLEN) + offs_n, mass, mask=nmask)
 
 
 # --------------------------------------------------------------------------- launchers
