@@ -94,7 +94,7 @@ def _logits(q, kT, bias_ptrs, offs_m, offs_n, Nq, Nk, causal_off, qk_scale,
 def _fwd_kernel(Q, K, V, Bias, Out, Lse, KVN, KVI, PAcc, PM, PL, CuQ, CuK,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 sbb, sbh, snb, snh, snq, sib, sih, siq,
-                H, GROUP, Nq, Nk, D, TQ, TK, n_kb_row, qk_scale, per_split, LN,
+                H, GROUP, Nq, Nk, D, TQ, TK, n_kb_row, qk_scale, per_split, RN,
                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 BD: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                 SPLIT: tl.constexpr, VARLEN: tl.constexpr):
@@ -165,7 +165,10 @@ def _fwd_kernel(Q, K, V, Bias, Out, Lse, KVN, KVI, PAcc, PM, PL, CuQ, CuK,
     mmask = offs_m < Nq
     lrow = _row0(bh, h, Nq, q0, TQ, VARLEN)  # this (sequence, head)'s first row in the LSE layout
     if SPLIT:  # flash-decoding: partial (acc, m, l) per split, merged by _combine_kernel
-        row = split.to(tl.int64) * LN + lrow + offs_m
+        if VARLEN:  # RN = rows of one split's partials (H * total_q)
+            row = split.to(tl.int64) * RN + lrow + offs_m
+        else:  # RN = B * H
+            row = (split * RN + bh).to(tl.int64) * Nq + offs_m
         tl.store(PAcc + row[:, None] * BD + offs_d[None, :], acc, mask=mmask[:, None])
         tl.store(PM + row, m_i, mask=mmask)
         tl.store(PL + row, l_i, mask=mmask)
@@ -186,7 +189,7 @@ def _finish(acc, m_i, l_i, out_ptr, lse_ptr, offs_m, offs_d, son, Nq, D):
 
 
 @triton.jit
-def _combine_kernel(PAcc, PM, PL, Out, Lse, CuQ, sob, soh, son, H, LN, Nq, D, TQ, n_splits,
+def _combine_kernel(PAcc, PM, PL, Out, Lse, CuQ, sob, soh, son, H, RN, Nq, D, TQ, n_splits,
                     BM: tl.constexpr, BD: tl.constexpr, VARLEN: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -204,7 +207,10 @@ def _combine_kernel(PAcc, PM, PL, Out, Lse, CuQ, sob, soh, son, H, LN, Nq, D, TQ
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     for sp in range(0, n_splits):
-        row = sp * LN + lrow + offs_m
+        if VARLEN:
+            row = sp * RN + lrow + offs_m
+        else:
+            row = (sp * RN + bh).to(tl.int64) * Nq + offs_m
         m_s = tl.load(PM + row, mask=mmask, other=float("-inf"))
         l_s = tl.load(PL + row, mask=mmask, other=0.0)
         a_s = tl.load(PAcc + row[:, None] * BD + offs_d[None, :], mask=mmask[:, None], other=0.0)
@@ -567,6 +573,7 @@ def _fwd(L: _Layout, q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causa
     per_split = triton.cdiv(nk, splits)
     splits = triton.cdiv(nk, per_split)
     LN = lse.numel()
+    RN = LN if L.varlen else B * H  # see the SPLIT branch of _fwd_kernel
     if splits > 1:
         pacc = torch.empty((splits, LN, BD), dtype=torch.float32, device=q.device)
         pm = torch.empty((splits, LN), dtype=torch.float32, device=q.device)
@@ -577,13 +584,13 @@ def _fwd(L: _Layout, q, k, v, kv_num_blocks, kv_indices, block_q, block_k, causa
     _fwd_kernel[grid](q, k, v, bias, out, lse, num, idx, pacc, pm, pl, L.cu_q, L.cu_k,
                       *L.s(q), *L.s(k), *L.s(v), *L.s(out),
                       sbb, sbh, *num.stride(), *idx.stride()[:3],
-                      H, H // L.Hkv, Nq, L.Nk, D, L.TQ, L.TK, nk, _qk_scale(scale), per_split, LN,
+                      H, H // L.Hkv, Nq, L.Nk, D, L.TQ, L.TK, nk, _qk_scale(scale), per_split, RN,
                       BLOCK_Q=block_q, BLOCK_K=block_k, BM=BM, BN=BN, BD=BD, CAUSAL=bool(causal),
                       HAS_BIAS=has_bias, PREC=_prec(q.dtype), SPLIT=splits > 1, VARLEN=L.varlen,
                       num_warps=warps, num_stages=stages)
     if splits > 1:
         CM = 16 if Nq <= 16 else 64
-        _combine_kernel[(triton.cdiv(Nq, CM), B * H)](pacc, pm, pl, out, lse, L.cu_q, *L.s(out), H, LN, Nq, D,
+        _combine_kernel[(triton.cdiv(Nq, CM), B * H)](pacc, pm, pl, out, lse, L.cu_q, *L.s(out), H, RN, Nq, D,
                                                      L.TQ, splits, BM=CM, BD=BD, VARLEN=L.varlen)
     return out, lse
 
