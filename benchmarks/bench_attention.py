@@ -4,10 +4,16 @@ block mask (compiled), and tokops, forward and forward+backward.
 ``flops = 4 * B * H * Nq * Nk * D * density`` (density = the fraction of kept blocks, measured
 from the mask; for causal the dense count halved), x3.5 for forward+backward (backward = 2.5x forward).  Dense SDPA
 computes all blocks regardless: its TFLOP/s column is "useful" throughput at the sparse density.
+
+Varlen (issue 14): packed sequences of spread lengths (``cu_seqlens``), causal, against the same batch
+padded to the longest sequence (pad q/k/v, the padded op, unpad the output: what a packed pipeline
+pays without a varlen kernel; right padding with causal attention leaves the real rows exact).
+``flops`` counts the real sequences only (``sum 4 H L^2 D / 2``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -129,6 +135,7 @@ def cases(device: str, quick: bool) -> list[Case]:
                             _mass_fns(q, k, v, n, device), flops=4 * B * H * n * n * D * 0.5 * 1.5,
                             notes="tokops computes the output and the key mass (an extra QK^T pass)"))
     out += _decode_cases(device, quick)
+    out += _varlen_cases(device, quick)
     return out
 
 
@@ -160,4 +167,79 @@ def _decode_cases(device: str, quick: bool) -> list[Case]:
                                                                            dtype=str(dtype).replace("torch.", "")),
                         _decode_fns(q, k, v, device), bytes=nbytes, flops=4 * H * n * D,
                         notes="tokops also returns the per-key mass (a second pass over K)"))
+    return out
+
+
+def _varlen_lengths(device: str, quick: bool) -> list[int]:
+    """Deterministic spread of sequence lengths (log-uniform between the bounds)."""
+    if device == "cpu":
+        return [5, 64, 23]
+    S, lo, hi = (8, 256, 4096) if quick else (16, 256, 8192)
+    g = torch.Generator().manual_seed(3)
+    return [int(round(math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * float(u))))
+            for u in torch.rand(S, generator=g)]
+
+
+def _varlen_fns(q, k, v, cu, lens, device, backward):
+    """Padded (pad + attention + unpad; the baseline) and varlen, each on every backend that runs it,
+    returning the packed ``(total, H, D)`` output (forward) or the packed gradients (fwd+bwd)."""
+    import tokops
+
+    S, n = len(lens), max(lens)
+    H, D = q.shape[1], q.shape[2]
+    seq = torch.repeat_interleave(torch.arange(S), torch.tensor(lens)).to(device)
+    pos = torch.cat([torch.arange(n_) for n_ in lens]).to(device)
+    block = 16 if device == "cpu" else BLOCK
+    mask = tokops.attention.causal_block_mask(n, block_q=block, device=device)
+    grad = torch.randn_like(q)
+
+    def pad(t):  # (total, H, D) -> (S, H, n, D) view of a zero-padded (S, n, H, D) buffer
+        buf = t.new_zeros(S, n, t.shape[1], D)
+        buf[seq, pos] = t
+        return buf.transpose(1, 2)
+
+    def padded(be):
+        def run():
+            out = tokops.attention.block_sparse_attention(pad(q), pad(k), pad(v), mask, causal=True,
+                                                          check_mask=False, backend=be)
+            return out.transpose(1, 2)[seq, pos]
+        return run
+
+    def varlen(be):
+        return lambda: tokops.attention.block_sparse_attention_varlen(q, k, v, cu, cu, n, n, mask, causal=True,
+                                                                      check_mask=False, backend=be)
+
+    bes = ["torch"] if device == "cpu" else ["triton"]
+    fns = {f"tokops {be} padded (pad + attn + unpad)": padded(be) for be in bes}
+    fns.update({f"tokops {be} varlen": varlen(be) for be in bes})
+    if backward:
+        fns = {name: _grads(f, (q, k, v), grad) for name, f in fns.items()}
+    return fns
+
+
+def _grads(fn, inputs, grad):
+    def run():
+        return torch.autograd.grad(fn(), inputs, grad)
+    return run
+
+
+def _varlen_cases(device: str, quick: bool) -> list[Case]:
+    lens = _varlen_lengths(device, quick)
+    H, Hkv, D, dtype = (2, 2, 16, torch.float32) if device == "cpu" else (16, 16, 128, torch.bfloat16)
+    g = torch.Generator(device="cpu").manual_seed(4)
+    T = sum(lens)
+    q = torch.randn(T, H, D, generator=g).to(dtype).to(device)
+    k, v = (torch.randn(T, Hkv, D, generator=g).to(dtype).to(device) for _ in range(2))
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)
+    flops = sum(4 * H * n * n * D * 0.5 for n in lens)
+    params = dict(S=len(lens), H=H, D=D, total=T, max_seqlen=max(lens), min_seqlen=min(lens), causal=True,
+                  dtype=str(dtype).replace("torch.", ""))
+    pad_frac = 1 - T / (len(lens) * max(lens))
+    out = [Case("attention", "varlen attention fwd (packed vs padded), causal", dict(params, pass_="fwd"),
+                _varlen_fns(q, k, v, cu, lens, device, False), flops=flops,
+                notes=f"padding is {pad_frac:.0%} of the padded batch's tokens")]
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out.append(Case("attention", "varlen attention fwd+bwd (packed vs padded), causal", dict(params, pass_="fwd+bwd"),
+                    _varlen_fns(qg, kg, vg, cu, lens, device, True), flops=flops * 3.5,
+                    notes=f"padding is {pad_frac:.0%} of the padded batch's tokens"))
     return out

@@ -68,6 +68,11 @@ ACCEPTED_SPILLS: dict[str, tuple[int, str]] = {
     "block_sparse_attn._fwd_kernel|sm_80&float32 &BD=64 &PREC=ieee&SPLIT=True": (
         16, "fp32 split (decode-shaped) forward on sm_80, 12 B, issue 12"),
     "block_sparse_attn._bwd_dkdv_kernel|sm_80&float32 &BD=64 &PREC=ieee": (16, "fp32 dK/dV on sm_80, 16 B, issue 12"),
+    # sm_80, fp32 (IEEE FMA path) varlen dQ at D=256 with causal + key bias (issue 14): 60 B stored, 60 B
+    # loaded per thread (the sequence bounds read from cu_seqlens stay live in registers, where the padded
+    # kernel has them as parameters).  The fp32 tiles are issue 12's tile work.
+    "block_sparse_attn._bwd_dq_kernel|sm_80&float32 &BD=256 &PREC=ieee&VARLEN=True": (
+        128, "fp32 varlen dQ on sm_80 at D=256, 120 B, issue 12/14"),
 }
 
 
@@ -142,6 +147,7 @@ class Record:
 
 _CONFIG_KEYS = ("BITS", "BITS_K", "BITS_V", "G", "U", "BC", "FP8", "NATIVE_FP8", "K_AXIS", "V_AXIS", "DOT_DTYPE",
                 "BM", "BN", "BD", "BQ", "BS", "BR", "BK", "BLOCK_Q", "BLOCK_K", "CAUSAL", "HAS_BIAS", "PREC", "SPLIT",
+                "VARLEN",
                 "MODE", "CLS", "DIST", "HAS_VALID", "IEEE", "ELU")
 
 
@@ -260,6 +266,31 @@ def attention_cases(quick: bool):
             _, lsed = m.fwd(qd, kd, vd, dm.kv_num_blocks, dm.kv_indices, 16, block, False, D ** -0.5, None)
             qn, qi = dm.transpose()
             m.key_mass(qd, kd, lsed, qn, qi, 16, block, False, D ** -0.5, None)
+            # varlen (packed sequences, cu_seqlens; issue 14): the same kernels with VARLEN=True, S sequences
+            # of at most N tokens packed into (total, H, D), fwd + bwd + key mass
+            S = 8
+            T = S * N // 2
+            qv = _meta((T, H, D), dt)
+            kv, vv = (_meta((T, H, D), dt) for _ in range(2))
+            cu = _meta((S + 1,), torch.int32)
+            for causal in (True,):  # causal + key bias: the superset of the non-causal code (CI time)
+                _tag("varlen" + (" causal+bias" if causal else ""))
+                mask = (causal_block_mask if causal else full_block_mask)(N, block_q=block, block_k=block)
+                bias = _meta((H, T), torch.float32) if causal else None
+                out_, lse = m.fwd_varlen(qv, kv, vv, cu, cu, N, N, mask.kv_num_blocks, mask.kv_indices, block, block,
+                                         causal, D ** -0.5, bias)
+                qn, qi = mask.transpose()
+                m.bwd_varlen(_meta(qv.shape, dt), qv, kv, vv, out_, lse, None, cu, cu, N, N, mask.kv_num_blocks,
+                             mask.kv_indices, qn, qi, block, block, causal, D ** -0.5, bias)
+                m.key_mass_varlen(qv, kv, lse, cu, cu, N, N, qn, qi, block, block, causal, D ** -0.5, bias)
+            # varlen decode: 1 query per sequence against its own long cache -> split + combine with VARLEN
+            _tag("varlen decode: 1 query per sequence")
+            Sd = 4
+            qd = _meta((Sd, 32, D), dt)
+            kd, vd = (_meta((Sd * nk, 8, D), dt) for _ in range(2))
+            cuq, cuk = _meta((Sd + 1,), torch.int32), _meta((Sd + 1,), torch.int32)
+            _, lsed = m.fwd_varlen(qd, kd, vd, cuq, cuk, 1, nk, dm.kv_num_blocks, dm.kv_indices, 16, block, False,
+                                   D ** -0.5, None)
         out.append((f"attention D={D} {tname} block={block}", fn, archs))
     return out
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TA = "tests/test_attention.py"
+TV = "tests/test_attention_varlen.py"
 TK = "tests/test_kv_quant.py"
 TC = "tests/test_kv_cache.py"
 TM = "tests/test_merge.py"
@@ -92,6 +93,14 @@ MUTANTS = [
            "acc = acc * alpha[:, None] + a_s * beta[:, None]", "acc = acc * alpha[:, None] + a_s",
            [TA], "split_kv", anchor="def _combine_kernel(",
            why="split-KV merge adds a split's accumulator without its max rescaling"),
+    Mutant("attn-varlen-sequence-start", "attention", "triton_kernels/block_sparse_attn.py",
+           "return lo.to(tl.int64), tl.minimum(hi - lo, max_len)",
+           "return lo.to(tl.int64) * 0, tl.minimum(hi - lo, max_len)",
+           [TV], "fp64 and triton-", anchor="def _seq_bounds(",
+           why="varlen: every packed sequence reads its rows from row 0 instead of cu_seqlens[s]"),
+    Mutant("attn-varlen-causal-alignment", "attention", "triton_kernels/block_sparse_attn.py",
+           "causal_off = Nk - Nq", "causal_off = 0", [TV], "fp64 and triton-", anchor="def _bwd_dkdv_kernel(",
+           why="varlen dK/dV: top-left causal instead of bottom-right per sequence (Lq != Lk)"),
     # ------------------------------------------------------------------ attention: reference (= torch backend)
     Mutant("attn-ref-dropped-key-bias", "attention", "python/tokops/attention/reference.py",
            "s = s + _bias(key_bias, dtype)", "s = s",

@@ -13,7 +13,7 @@ import math
 import torch
 
 from .. import _registry as reg
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, dense, last_dim_dense
+from .._checks import FLOAT_DTYPES, check_int, check_same_device, check_tensor, dense, last_dim_dense
 from . import reference as ref
 from .masks import (_CANONICAL, BlockMask, _known_how, as_block_mask, canonical_csr, full_block_mask,
                     transpose_csr, validate_mask)
@@ -352,3 +352,259 @@ def decode_attention_with_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     qn = torch.ones((1, 1, nb), dtype=torch.int32, device=q.device)  # transpose: every key block has query block 0
     qi = torch.zeros((1, 1, nb, 1), dtype=torch.int32, device=q.device)
     return _attention_and_mass(q, k, v, mask, qn, qi, causal, scale, key_bias, backend)
+
+
+# =========================================================================== variable-length (packed) attention
+# FlashAttention's varlen convention: the sequences of a batch are packed along the token dim,
+# ``q: (total_q, H, D)``, ``k, v: (total_k, H_kv, D)``, sequence ``s`` being rows
+# ``cu_seqlens[s]:cu_seqlens[s+1]``.  The kernels are the padded ones with per-sequence offsets
+# (tokops.triton_kernels.block_sparse_attn, VARLEN=True): one program per (query tile, sequence, head).
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kv_num_blocks, kv_indices,
+                     block_q, block_k, causal, scale, key_bias, backend):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     kv_num_blocks, kv_indices, q_num_blocks, q_indices, block_q, block_k, causal, scale, key_bias,
+                     backend):
+    nb = (q.shape[1], k.shape[0]) if key_bias is not None else (0,)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), q.new_empty(nb, dtype=torch.float32)
+
+
+def _varlen_mass_fake(q, k, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_num_blocks, q_indices,
+                      block_q, block_k, causal, scale, key_bias, backend):
+    return q.new_empty((q.shape[1], k.shape[0]), dtype=torch.float32)
+
+
+_VARLEN_ARGS = "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k"
+_varlen_fwd_op = reg.define(
+    "block_sparse_attn_varlen_fwd",
+    f"(Tensor q, Tensor k, Tensor v, {_VARLEN_ARGS}, Tensor kv_num_blocks, Tensor kv_indices, int block_q, "
+    "int block_k, bool causal, float scale, Tensor? key_bias, str backend) -> (Tensor, Tensor)", _varlen_fwd_fake,
+    differentiable=True)
+_varlen_bwd_op = reg.define(
+    "block_sparse_attn_varlen_bwd",
+    f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, {_VARLEN_ARGS}, "
+    "Tensor kv_num_blocks, Tensor kv_indices, Tensor q_num_blocks, Tensor q_indices, int block_q, int block_k, "
+    "bool causal, float scale, Tensor? key_bias, str backend) -> (Tensor, Tensor, Tensor, Tensor)", _varlen_bwd_fake)
+_varlen_mass_op = reg.define(
+    "attn_key_mass_varlen",
+    f"(Tensor q, Tensor k, Tensor lse, {_VARLEN_ARGS}, Tensor q_num_blocks, Tensor q_indices, int block_q, "
+    "int block_k, bool causal, float scale, Tensor? key_bias, str backend) -> Tensor", _varlen_mass_fake)
+
+reg.implements("block_sparse_attn_varlen_fwd", "torch", ref.varlen_fwd)
+reg.implements("block_sparse_attn_varlen_bwd", "torch", ref.varlen_bwd)
+reg.implements("attn_key_mass_varlen", "torch", ref.varlen_mass_from_lse)
+reg.implements("block_sparse_attn_varlen_fwd", "triton", "tokops.triton_kernels.block_sparse_attn:fwd_varlen")
+reg.implements("block_sparse_attn_varlen_bwd", "triton", "tokops.triton_kernels.block_sparse_attn:bwd_varlen")
+reg.implements("attn_key_mass_varlen", "triton", "tokops.triton_kernels.block_sparse_attn:key_mass_varlen")
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    (q, k, v, cu_q, cu_k, max_q, max_k, num, idx, block_q, block_k, causal, scale, key_bias, backend) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, num, idx, key_bias)
+    ctx.args = (max_q, max_k, block_q, block_k, causal, scale, backend)
+    ctx.bias_dim = None if key_bias is None else key_bias.dim()
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, num, idx, key_bias = ctx.saved_tensors
+    max_q, max_k, block_q, block_k, causal, scale, backend = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    qn, qi = transpose_csr(num, idx)
+    dout = dout.contiguous()
+    if dlse is not None:
+        dlse = dlse.contiguous()
+    dq, dk, dv, dbias = _varlen_bwd_op(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, num, idx, qn, qi,
+                                       block_q, block_k, causal, scale, key_bias, backend)
+    if ctx.bias_dim is None:
+        dbias = None
+    elif ctx.bias_dim == 1:
+        dbias = dbias.sum(0)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dbias, None
+
+
+torch.library.register_autograd("tokops::block_sparse_attn_varlen_fwd", _varlen_backward,
+                                setup_context=_varlen_setup_context)
+
+
+def _check_cu_seqlens(name: str, cu, device) -> None:
+    check_tensor(name, cu, dtypes=(torch.int32,), ndim=1, contiguous=False)
+    if cu.shape[0] < 2:
+        raise ValueError(f"{name} must have shape (S + 1,) with S >= 1 sequences, got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on the device of q ({device}), got {cu.device} (cu_seqlens stay on the "
+                         f"device: the kernels read them there, the host never does)")
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_bias, scale, causal):
+    """Checks of the packed layout (shapes, dtypes, devices only: no value of ``cu_seqlens`` is read);
+    returns ``(q, k, v, cu_q, cu_k, key_bias, scale)``."""
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3, contiguous=False)
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3, contiguous=False)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=3, contiguous=False)
+    q, k, v = last_dim_dense(q), last_dim_dense(k), last_dim_dense(v)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k and v must have the dtype of q ({q.dtype}), got k {k.dtype}, v {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+    Tq, H, D = q.shape
+    if k.shape[-1] != D:
+        raise ValueError(f"k must have shape (total_k, H_kv, D={D}), got {tuple(k.shape)}")
+    if H % k.shape[1]:
+        raise ValueError(f"k: the number of query heads ({H}) must be a multiple of the KV heads ({k.shape[1]})")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim must be <= {MAX_HEAD_DIM}, got {D}")
+    Tk = k.shape[0]
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"cu_seqlens_k must have the shape of cu_seqlens_q {tuple(cu_seqlens_q.shape)} (one entry "
+                         f"per sequence + 1), got {tuple(cu_seqlens_k.shape)}")
+    for name, m, total in (("max_seqlen_q", max_seqlen_q, Tq), ("max_seqlen_k", max_seqlen_k, Tk)):
+        check_int(name, m, min_value=1)
+        if m > total:
+            raise ValueError(f"{name} must be <= the number of packed rows ({total}), got {m}")
+    if key_bias is not None:
+        check_tensor("key_bias", key_bias, dtypes=(torch.float32,), contiguous=False)
+        key_bias = dense(key_bias)
+        if tuple(key_bias.shape) not in ((Tk,), (H, Tk)):
+            raise ValueError(f"key_bias must have shape (total_k,) = {(Tk,)} or (H, total_k) = {(H, Tk)}, "
+                             f"got {tuple(key_bias.shape)}")
+        check_same_device(q=q, key_bias=key_bias)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    return q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), key_bias, float(scale)
+
+
+def validate_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int, name: str = "cu_seqlens") -> None:
+    """Check the *values* of ``cu_seqlens`` (one host sync): ``cu[0] == 0``, non-decreasing,
+    ``cu[-1] == total`` and every length ``<= max_seqlen``.  The attention calls never do this by
+    themselves (it would sync the host with the device on every call); call it once where the packing
+    is built, or pass ``check_seqlens=True``."""
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    first, last, neg, longest = torch.stack([cu[0], cu[-1], (lens < 0).any().long(), lens.max()]).tolist()
+    if first != 0:
+        raise ValueError(f"{name}[0] must be 0, got {first}")
+    if neg:
+        raise ValueError(f"{name} must be non-decreasing (sequence lengths >= 0), got {cu.tolist()}")
+    if last != total:
+        raise ValueError(f"{name}[-1] must equal the number of packed rows {total}, got {last}")
+    if longest > max_seqlen:
+        raise ValueError(f"a sequence of {name} is {longest} long, more than max_seqlen = {max_seqlen}")
+
+
+def _prepare_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, causal, scale, key_bias,
+                    block_q, block_k, check_mask, check_seqlens):
+    q, k, v, cu_q, cu_k, key_bias, scale = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                         max_seqlen_k, key_bias, scale, causal)
+    S, H = cu_q.shape[0] - 1, q.shape[1]
+    for name, flag in (("check_mask", check_mask), ("check_seqlens", check_seqlens)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    read_values = not torch.compiler.is_compiling() and q.device.type != "meta"
+    if check_seqlens and read_values:
+        validate_cu_seqlens(cu_q, q.shape[0], max_seqlen_q, "cu_seqlens_q")
+        validate_cu_seqlens(cu_k, k.shape[0], max_seqlen_k, "cu_seqlens_k")
+    # blocks of every sequence counted from its start: the mask's grid covers max_seqlen_q x max_seqlen_k
+    if isinstance(mask, BlockMask) and (mask.q_len, mask.k_len) != (max_seqlen_q, max_seqlen_k):
+        raise ValueError(f"mask: a varlen block mask covers the max_seqlen_q x max_seqlen_k grid "
+                         f"({max_seqlen_q} x {max_seqlen_k}), got mask.q_len={mask.q_len}, mask.k_len={mask.k_len}")
+    mask = as_block_mask(mask, max_seqlen_q, max_seqlen_k, block_q, block_k, q.device)
+    validate_mask(mask, S, H, max_seqlen_q, max_seqlen_k, q.device, read_values=check_mask and read_values)
+    if not (check_mask and read_values):
+        num, idx = canonical_csr(mask.kv_num_blocks, mask.kv_indices)
+        mask = mask._replace(kv_num_blocks=num, kv_indices=idx)
+    return q, k, v, cu_q, cu_k, _finite_key_bias(key_bias), mask, scale
+
+
+def _varlen_backend(backend: str, q) -> str:
+    if backend == "cuda":
+        raise ValueError("backend='cuda': the CUDA attention kernels take padded batches only (q: (B, H, N, D)); "
+                         "varlen (cu_seqlens) attention runs on backend='triton' (what 'auto' picks on a GPU) or "
+                         "'torch'")
+    return reg.resolve_backend("block_sparse_attn_varlen_fwd", backend, q.device)
+
+
+def block_sparse_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                  cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, mask=None, *,
+                                  causal: bool = False, scale: float | None = None,
+                                  key_bias: torch.Tensor | None = None, return_lse: bool = False,
+                                  block_q: int | None = None, block_k: int | None = None, check_mask: bool = True,
+                                  check_seqlens: bool = False, backend: str = "auto"):
+    """Block-sparse attention over packed variable-length sequences (FlashAttention's varlen convention).
+
+    ``q: (total_q, H, D)``, ``k, v: (total_k, H_kv, D)`` (fp16/bf16/fp32, ``H % H_kv == 0``, ``D <= 256``;
+    views whose last dim is contiguous are read in place); sequence ``s`` is rows
+    ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` of ``q`` and ``cu_seqlens_k[s]:cu_seqlens_k[s+1]`` of ``k``/``v``.
+    ``cu_seqlens_q``/``cu_seqlens_k``: int32 ``(S + 1,)`` on the device of ``q``, starting at 0,
+    non-decreasing (empty sequences allowed), ending at ``total_q``/``total_k``.  ``max_seqlen_q``/
+    ``max_seqlen_k``: host ints >= the longest sequence, used only to size the launch grids and the mask.
+
+    The result equals running every sequence alone through :func:`block_sparse_attention`:
+
+    * ``mask``: one block mask per sequence -- a :class:`BlockMask` or dense bool block mask with batch
+      dim ``S`` (or 1 to share one mask), blocks counted from each sequence's start, on the grid of
+      ``max_seqlen_q x max_seqlen_k`` (``ceil(max_seqlen_q / block_q)`` query blocks); entries past a
+      sequence's own length are ignored; ``None`` = every block.  E.g.
+      ``causal_block_mask(max_seqlen, ...)`` is each sequence's causal block mask when its ``q`` and
+      ``k`` lengths are equal.
+    * ``causal``: bottom-right aligned *per sequence*, as FlashAttention (>= 2.1) and the padded op:
+      query ``i`` of sequence ``s`` sees key ``j`` iff ``j <= i + Lk_s - Lq_s``.
+    * ``key_bias``: fp32 ``(total_k,)`` or ``(H, total_k)``, added to the logits of that key.
+    * A query row with no allowed key (e.g. of a sequence with no key, or a mask row with no block)
+      gives 0 and ``lse = -inf``.
+
+    Returns ``out (total_q, H, D)`` in the input dtype, and with ``return_lse`` the fp32 natural-log
+    ``lse (H, total_q)`` (FlashAttention's varlen ``softmax_lse`` layout).  Differentiable in ``q``,
+    ``k``, ``v``, ``key_bias`` (and through ``lse``).
+
+    No host sync: ``cu_seqlens`` are read by the kernels only (pass ``check_mask=False``, or run under
+    ``torch.compile``, to skip the mask value check too).  Their values are therefore *not* checked: a
+    ``cu_seqlens`` that is not non-decreasing, does not end at the total or has a sequence longer than
+    ``max_seqlen`` gives undefined rows (never an out-of-bounds access: the kernels clamp every sequence
+    to the packed tensors and to ``max_seqlen``).  ``check_seqlens=True`` checks them (one host sync,
+    skipped while compiling), as does :func:`validate_cu_seqlens`.
+
+    Backends: ``"triton"`` (``"auto"`` on a GPU) and ``"torch"`` (a dense packed float64 reference,
+    O(H total_q total_k) memory).  The CUDA kernels take padded batches only: ``backend="cuda"`` raises.
+    The Triton grid has ``S * H <= 65535`` programs in its second dimension.
+    """
+    q, k, v, cu_q, cu_k, key_bias, mask, scale = _prepare_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, causal, scale, key_bias, block_q,
+        block_k, check_mask, check_seqlens)
+    be = _varlen_backend(backend, q)
+    out, lse = _varlen_fwd_op(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, mask.kv_num_blocks, mask.kv_indices,
+                              mask.block_q, mask.block_k, causal, scale, key_bias, be)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_key_mass_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                                   cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, mask=None, *,
+                                   causal: bool = False, scale: float | None = None,
+                                   key_bias: torch.Tensor | None = None, block_q: int | None = None,
+                                   block_k: int | None = None, check_mask: bool = True, check_seqlens: bool = False,
+                                   backend: str = "auto"):
+    """:func:`block_sparse_attention_varlen` plus the attention mass of every key: returns ``(out, mass)``,
+    ``mass (H, total_k)`` fp32 with ``mass[h, j] = sum_i P[h, i, j]`` over the queries ``i`` of ``j``'s
+    sequence (per *query* head; the layout of the varlen ``lse``).  As :func:`attention_with_key_mass`:
+    ``P`` is never materialised, ``out`` is differentiable, ``mass`` is not."""
+    q, k, v, cu_q, cu_k, key_bias, mask, scale = _prepare_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, causal, scale, key_bias, block_q,
+        block_k, check_mask, check_seqlens)
+    be = _varlen_backend(backend, q)
+    out, lse = _varlen_fwd_op(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, mask.kv_num_blocks, mask.kv_indices,
+                              mask.block_q, mask.block_k, causal, scale, key_bias, be)
+    qn, qi = transpose_csr(mask.kv_num_blocks, mask.kv_indices)
+    kb = None if key_bias is None else key_bias.detach()
+    mass = _varlen_mass_op(q.detach(), k.detach(), lse.detach(), cu_q, cu_k, max_seqlen_q, max_seqlen_k, qn, qi,
+                           mask.block_q, mask.block_k, causal, scale, kb, be)
+    return out, mass
