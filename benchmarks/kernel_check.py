@@ -57,20 +57,11 @@ MUST_PIPELINE = {
 # ACCEPTED_SPILLS values are (most spill bytes accepted, stores + loads; why): a bigger spill fails.
 ACCEPTED_NOT_PIPELINED: dict[str, str] = {}
 ACCEPTED_SPILLS: dict[str, tuple[int, str]] = {
-    # Triton 3.8 (ptxas --regAllocOptLevel=2), sm_80, 16-bit dQ with causal + key bias at D 64/128:
-    # 8-40 B of spills per thread; retuning the dQ tile (8 warps) is issue 12's tile work.
-    "block_sparse_attn._bwd_dq_kernel|sm_80&PREC=tf32&HAS_BIAS=True": (96, "small dQ spill with causal+bias, issue 12"),
-    # sm_90, the decode-shaped forward (16 query rows, split-K) at D=64: 8 B stored, 4 B loaded.
-    "block_sparse_attn._fwd_kernel|sm_90&BM=16 &BD=64 &PREC=tf32": (32, "12 B spill of the 16-row decode tile, issue 12"),
-    # sm_80, fp32 (IEEE dots, no tensor cores: the slow exact path, not a hot kernel) at D=64: 12-16 B
-    # since the block-index bound check (issue 15: one tl.where per listed block) was merged into the
-    # flat loops; found by the full matrix of 2026-12-02.  Retuning the fp32 tiles is issue 12's work.
-    "block_sparse_attn._fwd_kernel|sm_80&float32 &BD=64 &PREC=ieee&SPLIT=True": (
-        16, "fp32 split (decode-shaped) forward on sm_80, 12 B, issue 12"),
-    "block_sparse_attn._bwd_dkdv_kernel|sm_80&float32 &BD=64 &PREC=ieee": (16, "fp32 dK/dV on sm_80, 16 B, issue 12"),
+    # The padded kernels have none since issue 12's tile work (2026-12-05): the sm_80 16-bit dQ tile is
+    # 64 x 32 before Hopper, the fp32 forward and dK/dV tiles at D <= 64 are 32 x 32.
     # sm_80, fp32 (IEEE FMA path) varlen dQ at D=256 with causal + key bias (issue 14): 60 B stored, 60 B
     # loaded per thread (the sequence bounds read from cu_seqlens stay live in registers, where the padded
-    # kernel has them as parameters).  The fp32 tiles are issue 12's tile work.
+    # kernel has them as parameters).
     "block_sparse_attn._bwd_dq_kernel|sm_80&float32 &BD=256 &PREC=ieee&VARLEN=True": (
         128, "fp32 varlen dQ on sm_80 at D=256, 120 B, issue 12/14"),
 }

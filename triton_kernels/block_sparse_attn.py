@@ -462,19 +462,34 @@ _TILES = {
     # kind, bd, 4-byte operands (fp32): (BM, BN, warps, stages).  fp32 uses IEEE fp32 dots (FMA, no
     # tensor cores), whose operands and accumulators all live in registers: the tiles that fit at
     # D=256 without spilling are used at every D (fewer registers at smaller D).
-    ("fwd", 64, False): (128, 64, 4, 3), ("fwd", 64, True): (32, 16, 4, 2),
+    ("fwd", 64, False): (128, 64, 4, 3), ("fwd", 64, True): (32, 32, 4, 2),
     ("fwd", 128, False): (128, 64, 8, 3), ("fwd", 128, True): (32, 16, 4, 2),
     ("fwd", 256, False): (64, 32, 8, 3), ("fwd", 256, True): (32, 16, 4, 2),
     ("dq", 64, False): (64, 64, 4, 2), ("dq", 64, True): (32, 32, 8, 2),
     ("dq", 128, False): (64, 64, 4, 2), ("dq", 128, True): (32, 32, 8, 2),
     ("dq", 256, False): (64, 32, 8, 2), ("dq", 256, True): (32, 32, 8, 2),
-    ("dkdv", 64, False): (64, 64, 4, 2), ("dkdv", 64, True): (16, 32, 8, 2),
+    ("dkdv", 64, False): (64, 64, 4, 2), ("dkdv", 64, True): (32, 32, 8, 2),
     ("dkdv", 128, False): (32, 64, 8, 2), ("dkdv", 128, True): (16, 32, 8, 2),
     ("dkdv", 256, False): (32, 32, 8, 2), ("dkdv", 256, True): (16, 32, 8, 2),
     ("mass", 64, False): (64, 64, 4, 2), ("mass", 64, True): (32, 32, 8, 2),
     ("mass", 128, False): (64, 64, 4, 2), ("mass", 128, True): (32, 32, 8, 2),
     ("mass", 256, False): (64, 64, 4, 2), ("mass", 256, True): (32, 32, 8, 2),
 }
+# Before Hopper (mma.sync, no wgmma: the accumulators and both dot operands of the dQ step live in
+# registers), the 16-bit dQ tile of 64 x 64 needs 255 registers and spills 8-44 B with causal + key bias
+# (Triton 3.8, sm_80); 64 query x 32 key rows compiles to 180-224 registers with no spill.
+_TILES_PRE_HOPPER = {
+    ("dq", 64, False): (64, 32, 4, 2), ("dq", 128, False): (64, 32, 4, 2),
+}
+
+
+def _target_arch() -> int | None:
+    """The compute capability Triton compiles for (major * 10 + minor), None when unknown."""
+    try:
+        t = triton.runtime.driver.active.get_current_target()
+    except Exception:  # noqa: BLE001 - no driver: the tables' defaults
+        return None
+    return t.arch if getattr(t, "backend", None) == "cuda" and isinstance(t.arch, int) else None
 
 
 # Varlen (VARLEN=True) overrides: the sequence bounds read from cu_seqlens are runtime values (the
@@ -495,7 +510,14 @@ def _tiles(block_q: int, block_k: int, D: int, kind: str, dtype=torch.float16, v
     if triton_interpreter():  # bigger tiles = fewer interpreted steps
         return min(64, block_q), min(64, block_k), bd, 4, 1
     key = (kind, max(64, bd), dtype == torch.float32)
-    bm, bn, warps, stages = (_TILES_VARLEN.get(key) if varlen else None) or _TILES[key]
+    arch = _target_arch()
+    if varlen and key in _TILES_VARLEN:
+        table = _TILES_VARLEN
+    elif arch is not None and arch < 90 and key in _TILES_PRE_HOPPER:
+        table = _TILES_PRE_HOPPER
+    else:
+        table = _TILES
+    bm, bn, warps, stages = table[key]
     return min(bm, block_q), min(bn, block_k), bd, warps, stages
 
 
