@@ -500,7 +500,10 @@ def _target_arch() -> int | None:
 _TILES_VARLEN = {
     ("fwd", 128, True): (32, 16, 8, 2), ("fwd", 256, True): (32, 16, 8, 2),
     ("dq", 64, False): (64, 64, 8, 2), ("dkdv", 64, False): (64, 64, 8, 2),
-    ("dq", 128, True): (16, 32, 8, 2),  # (fp32 dQ at D=256 keeps the padded tile: 16 rows spill on sm_90)
+    ("dq", 128, True): (16, 32, 8, 2),
+    # fp32 varlen dQ at D=256: 32 x 16 (the padded 32 x 32 spilled 60 B on sm_80, 16 x 32 spills on sm_90);
+    # fp32 varlen dK/dV at D<=64: 32 x 32 with 4 warps (8 warps spilled 8 B on sm_80 with causal + bias).
+    ("dq", 256, True): (32, 16, 8, 2), ("dkdv", 64, True): (32, 32, 4, 2),
 }
 
 
@@ -511,10 +514,10 @@ def _tiles(block_q: int, block_k: int, D: int, kind: str, dtype=torch.float16, v
         return min(64, block_q), min(64, block_k), bd, 4, 1
     key = (kind, max(64, bd), dtype == torch.float32)
     arch = _target_arch()
-    if varlen and key in _TILES_VARLEN:
-        table = _TILES_VARLEN
-    elif arch is not None and arch < 90 and key in _TILES_PRE_HOPPER:
+    if arch is not None and arch < 90 and key in _TILES_PRE_HOPPER:  # padded and varlen alike
         table = _TILES_PRE_HOPPER
+    elif varlen and key in _TILES_VARLEN:
+        table = _TILES_VARLEN
     else:
         table = _TILES
     bm, bn, warps, stages = table[key]

@@ -11,7 +11,7 @@ Layout and rules: ``python/tokops/kv/paged.py`` (``PagedKVCache``).  Three kerne
   key/value tiles are dequantized in registers from the packed codes + fp16 scales/zeros (or fp8
   codes + fp32 per-token scales).  The last split covers the full-precision residual ring.  Online
   softmax in fp32 (base 2), partial ``(m, l, acc)`` per split.
-* ``_paged_merge_kernel``: LSE merge of the splits -> ``out`` (q's dtype), ``lse`` (fp32, natural log).
+* ``kv_decode._merge_kernel`` (shared): LSE merge of the splits -> ``out`` (q's dtype), ``lse`` (fp32, natural log).
 * ``_paged_mass_kernel`` (``return_mass``), grid ``(B * H_kv, ceil(T / BN))``: per-key mass by token
   position, ``T = max_pages_per_row * P + R + G``; 0 at positions past the row's length.
 """
@@ -26,10 +26,10 @@ import triton.language as tl
 
 from tokops._registry import gpu_sm_count, new_output
 
+from .kv_decode import _dot, _merge_kernel, _softmax_step  # shared with the contiguous decode
 from .kv_quant import _fp8_e4m3_value, native_fp8
 
 _LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -76,23 +76,9 @@ def _page_tile(codes_ptr, scale_ptr, zero_ptr, c_off, s_off, off, d, dmask, D, W
 
 
 @triton.jit
-def _dot(a, b, DOT_DTYPE: tl.constexpr):
-    if DOT_DTYPE == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
-
-
-@triton.jit
 def _online_update(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr):
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p, v, DOT_DTYPE)
-    return m_new, l_i, acc
-
+    m_new, l_i, p, alpha = _softmax_step(s, m_i, l_i)
+    return m_new, l_i, acc * alpha[:, None] + _dot(p, v, DOT_DTYPE)
 
 @triton.jit
 def _paged_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, bt_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
@@ -156,27 +142,6 @@ def _paged_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, bt_ptr, len_ptr
     tl.store(m_ptr + off_o, m_i, mask=rmask)
     tl.store(l_ptr + off_o, l_i, mask=rmask)
     tl.store(acc_ptr + off_o[:, None] * D + d[None, :], acc, mask=rmask[:, None] & dmask[None, :])
-
-
-@triton.jit
-def _paged_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, S, D, BS: tl.constexpr, BD: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, BS)
-    smask = s < S
-    d = tl.arange(0, BD)
-    dmask = d < D
-    m = tl.load(m_ptr + row * S + s, mask=smask, other=float("-inf"))
-    l = tl.load(l_ptr + row * S + s, mask=smask, other=0.0)
-    mx = tl.max(m, 0)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.exp2(m - mx_safe)
-    ltot = tl.sum(w * l, 0)
-    acc = tl.load(acc_ptr + (row * S + s)[:, None] * D + d[None, :], mask=smask[:, None] & dmask[None, :],
-                  other=0.0)
-    o = tl.sum(w[:, None] * acc, 0) / tl.where(ltot == 0.0, 1.0, ltot)
-    lse = tl.where(ltot == 0.0, float("-inf"), (mx_safe + tl.log2(tl.where(ltot == 0.0, 1.0, ltot))) * _LN2)
-    tl.store(out_ptr + row * D + d, o.to(out_ptr.dtype.element_ty), mask=dmask)
-    tl.store(lse_ptr + row, lse)
 
 
 @triton.jit
@@ -277,7 +242,7 @@ def paged_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero
         k_res.stride(0), k_res.stride(1), v_res.stride(0), v_res.stride(1),
         D, k_wd, v_wd, D // group_size, PPS, S_Q, S, BITS_K=bits_k, BITS_V=bits_v, BM=BM,
         num_warps=4 if interp else 8, **common)
-    _paged_merge_kernel[(B * H * NQ,)](m_part, l_part, acc_part, out, lse, S, D,
+    _merge_kernel[(B * H * NQ,)](m_part, l_part, acc_part, out, lse, S, D,
                                        BS=max(2, triton.next_power_of_2(S)), BD=BD)
     if return_mass:
         _paged_mass_kernel[(B * HKV, triton.cdiv(T, BN))](
