@@ -829,3 +829,15 @@ def test_check_mask_false_skips_only_value_checks():
     assert torch.equal(block_sparse_attention(q, k, v, m, check_mask=False), block_sparse_attention(q, k, v, m))
     with pytest.raises(TypeError, match="mask.kv_indices"):  # shapes and dtypes are always checked
         block_sparse_attention(q, k, v, m._replace(kv_indices=m.kv_indices.long()), check_mask=False)
+
+
+def test_cuda_backward_restricted_to_where_it_can_win():
+    """Issue 12: the CUDA backward (dK/dV spills at D=128; wgmma Triton on sm_90) is taken on sm_80-class
+    GPUs at D=64 only; every other case names its reason (the autograd then runs the Triton backward)."""
+    from tokops.attention.ops import cuda_backward_restricted
+
+    assert cuda_backward_restricted(64, (8, 0)) is None
+    assert cuda_backward_restricted(64, (8, 6)) is None
+    assert "spills" in cuda_backward_restricted(128, (8, 0))
+    assert "wgmma" in cuda_backward_restricted(64, (9, 0))
+    assert "wgmma" in cuda_backward_restricted(128, (10, 0))

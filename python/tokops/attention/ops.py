@@ -164,6 +164,23 @@ def cuda_kernel_unsupported(q, k, v, block_q: int, block_k: int) -> str | None:
     return None
 
 
+def cuda_backward_restricted(head_dim: int, capability: tuple[int, int]) -> str | None:
+    """Why the CUDA *backward* is not used for this call although the CUDA forward ran (None: it is).
+
+    Issue 12: a CUDA kernel runs only where its design can beat the Triton one.  The CUDA backward
+    (``block_sparse_attn_bwd_cuda.cu``) is compiled and run under the CPU emulation for D 64/128, but
+    its resources (``benchmarks/cuda_resources.py``, nvcc 13) rule out two cases: at D=128 the dK/dV
+    kernel needs 255 registers and spills (18-27 local stores per thread on sm_80 and sm_90a), and on
+    sm_90 the Triton backward has warpgroup MMA (wgmma) that ``mma.sync`` cannot match (the CUDA dQ also
+    spills 8 B at D=64 on sm_90a).  So it is taken on sm_80-class GPUs (A100, sm_86/89) at D=64 only;
+    everything else runs the Triton backward."""
+    if tuple(capability) >= (9, 0):
+        return "on sm_90+ the Triton backward (wgmma) is preferred"
+    if head_dim != 64:
+        return f"the CUDA dK/dV kernel spills at head dim {head_dim} (used at D=64 only)"
+    return None
+
+
 def _fwd_backend(backend: str, q, k, v, mask: BlockMask) -> str:
     """Resolve ``backend`` for the forward: ``auto`` takes the CUDA kernel only where it applies
     (else Triton); an explicit ``"cuda"`` that cannot run this call is an error, not a fallback."""
@@ -204,6 +221,8 @@ def _bwd_backend(backend: str, dout, q, k, v, out, block_q: int, block_k: int) -
     if reg.auto_may_use_cuda("block_sparse_attn_fwd") and not reg.auto_may_use_cuda("block_sparse_attn_bwd"):
         return fallback
     if cuda_kernel_unsupported(q, k, v, block_q, block_k) is not None:
+        return fallback
+    if cuda_backward_restricted(q.shape[-1], torch.cuda.get_device_capability(q.device)) is not None:
         return fallback
     if any(t.data_ptr() % 16 for t in (dout, out)):
         return fallback
