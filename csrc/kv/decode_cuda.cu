@@ -238,10 +238,23 @@ struct Tile {
   static constexpr int smem_floats = kRows * DP + TT * DP + TT * D + kRows * TT + 3 * kRows;
 };
 
+// Blocks per SM that the register cap (launch bounds) aims at.  16-bit q at D = 64 / 128: 8 (registers
+// capped at 64, 1,024 resident threads per SM; shared memory allows 8 too: 26 KB per block at D = 128),
+// except D = 64 before Hopper, which spilled 12 local stores per thread at 64 registers (nvcc 13,
+// sm_80): 6 there (85 registers).  fp32/fp64 q (wider tiles in registers; 4-9 spill stores at 64 on
+// sm_80) and D = 32 / 256: 4.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define TOKOPS_DECODE_BLOCKS_D64 6
+#else
+#define TOKOPS_DECODE_BLOCKS_D64 8
+#endif
 template <typename T, int D>
-// D = 64 / 128: registers capped at 64 so that 8 blocks (1,024 threads) are resident per SM (shared
-// memory allows 8 too: 26 KB per block at D = 128); D = 32 / 256 would spill under that cap.
-__global__ void __launch_bounds__(kThreads, (D == 64 || D == 128) ? 8 : 4) decode_partial_kernel(DecodeParams p) {
+constexpr int decode_min_blocks() {
+  return sizeof(T) != 2 ? 4 : D == 64 ? TOKOPS_DECODE_BLOCKS_D64 : D == 128 ? 8 : 4;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, decode_min_blocks<T, D>()) decode_partial_kernel(DecodeParams p) {
   using TL = Tile<D>;
   constexpr int TT = TL::TT, DP = TL::DP;
   constexpr int COLS = D >= kThreads ? D / kThreads : 1;
