@@ -112,7 +112,7 @@ MUTANTS = [
            why="reference causal mask one key short"),
     # ------------------------------------------------------------------ kv: quantization
     Mutant("kv-quant-round-half-up", "kv", "triton_kernels/kv_quant.py",
-           "q = (v + _RNE_MAGIC) - _RNE_MAGIC", "q = tl.floor(v + 0.5)",
+           "up = (d > p) | ((d == p) & ((k & 1) != 0))", "up = d >= p",
            [TK], "hand_computed and triton-", 
            why="round half up instead of half to even"),
     Mutant("kv-quant-pack-msb-first", "kv", "triton_kernels/kv_quant.py",
@@ -137,8 +137,8 @@ MUTANTS = [
            why="fp8 codes computed with the wrong scale"),
     # ------------------------------------------------------------------ kv: decode
     Mutant("kv-decode-swapped-kv", "kv", "triton_kernels/kv_decode.py",
-           "v = _load_quant_tile(vc, vs, vz, bh, t0, end, d, dmask, vc_bh, vs_bh, D, V_WD, V_NGD,",
-           "v = _load_quant_tile(kc, ks, kz, bh, t0, end, d, dmask, kc_bh, ks_bh, D, K_WD, K_NGD,",
+           "_quant_pv(p, vc, vs, vz, bh, t0, end, d, dmask, vc_bh, vs_bh, D, V_WD,",
+           "_quant_pv(p, kc, ks, kz, bh, t0, end, d, dmask, kc_bh, ks_bh, D, K_WD,",
            [TC], "decode_matches_oracle and triton-", fast=True,
            why="values read from the key store"),
     Mutant("kv-decode-causal-limit", "kv", "triton_kernels/kv_decode.py",
@@ -166,7 +166,7 @@ MUTANTS = [
     # ------------------------------------------------------------------ merge
     Mutant("merge-match-ties-last", "merge", "triton_kernels/merge.py",
            "upd = tile_max > best", "upd = tile_max >= best",
-           [TM], "ties_across and triton-", anchor="def _match_kernel(", fast=True,
+           [TM], "ties_across and triton-", anchor="def _match_tiles(", fast=True,
            why="equal scores in a later tile take the later B index"),
     Mutant("merge-match-cls-unprotected", "merge", "triton_kernels/merge.py",
            "row_ok = row_ok & (ai != 0)", "row_ok = row_ok",
