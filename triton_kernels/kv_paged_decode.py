@@ -26,53 +26,12 @@ import triton.language as tl
 
 from tokops._registry import gpu_sm_count, new_output
 
-from .kv_decode import _dot, _merge_kernel, _softmax_step  # shared with the contiguous decode
+# shared with the contiguous decode; a page's tile is the contiguous tile at base offsets (bh=1,
+# c_bh/s_bh = the page's offsets), every token of it in the page (end = off + BN)
+from .kv_decode import _dot, _load_quant_tile, _merge_kernel, _softmax_step
 from .kv_quant import _fp8_e4m3_value, native_fp8
 
 _LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def _page_tile(codes_ptr, scale_ptr, zero_ptr, c_off, s_off, off, d, dmask, D, WD, NGD,
-               FP8: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, AXIS: tl.constexpr,
-               BN: tl.constexpr, BD: tl.constexpr, NATIVE_FP8: tl.constexpr):
-    """Dequantized fp32 tile ``(BN, BD)`` of the in-page tokens ``[off, off + BN)`` of the page slice
-    at element offsets ``c_off`` (codes) / ``s_off`` (scales, zeros).  ``BN`` divides the page size
-    and ``off`` is a multiple of ``BN``: every token of the tile is in the page's memory."""
-    t = off + tl.arange(0, BN)
-    t2 = t[:, None]
-    d2 = d[None, :]
-    m2 = (t2 >= 0) & dmask[None, :]
-    if FP8:
-        c = tl.load(codes_ptr + c_off + t2 * D + d2, mask=m2, other=0)
-        s = tl.load(scale_ptr + s_off + t)
-        if NATIVE_FP8:
-            x = c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s[:, None]
-        else:  # sm_80/86: no fp8 instructions
-            x = _fp8_e4m3_value(c.to(tl.int32)) * s[:, None]
-    else:
-        CPW: tl.constexpr = 32 // BITS
-        QMAX: tl.constexpr = (1 << BITS) - 1
-        shifts = (tl.arange(0, CPW) * BITS).to(tl.uint32)
-        if AXIS == -2:  # keys: word row w of the page holds tokens [w*CPW, (w+1)*CPW) of every channel
-            NW: tl.constexpr = BN // CPW
-            w = off // CPW + tl.arange(0, NW)
-            words = tl.load(codes_ptr + c_off + w[:, None] * D + d2, mask=(w >= 0)[:, None] & dmask[None, :],
-                            other=0)
-            q3 = (words.to(tl.uint32, bitcast=True)[:, None, :] >> shifts[None, :, None]) & QMAX
-            code = tl.reshape(q3, (BN, BD))
-            soff = s_off + (t2 // G) * D + d2
-        else:  # values: word w of a token holds channels [w*CPW, (w+1)*CPW)
-            BW: tl.constexpr = BD // CPW
-            w = tl.arange(0, BW)
-            words = tl.load(codes_ptr + c_off + t2 * WD + w[None, :], mask=(t2 >= 0) & (w < WD)[None, :], other=0)
-            q3 = (words.to(tl.uint32, bitcast=True)[:, :, None] >> shifts[None, None, :]) & QMAX
-            code = tl.reshape(q3, (BN, BD))
-            soff = s_off + t2 * NGD + d2 // G
-        s = tl.load(scale_ptr + soff, mask=m2, other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + soff, mask=m2, other=0.0).to(tl.float32)
-        x = tl.where(m2, code.to(tl.float32) * s + z, 0.0)
-    return x
 
 
 @triton.jit
@@ -118,12 +77,13 @@ def _paged_partial_kernel(q_ptr, kc, ks, kz, vc, vs, vz, kr, vr, bt_ptr, len_ptr
             page = tl.load(bt_ptr + b * bt_b + col).to(tl.int64)
             t = col * P + off + tl.arange(0, BN)
             tmask = t < nqt
-            k = _page_tile(kc, ks, kz, page * kc_p + hk * kc_h, page * ks_p + hk * ks_h, off, d, dmask, D, K_WD,
-                           NGD, FP8, BITS_K, G, -1 if FP8 else -2, BN, BD, NATIVE_FP8)
+            k = _load_quant_tile(kc, ks, kz, 1, off, off + BN, d, dmask, page * kc_p + hk * kc_h,
+                                 page * ks_p + hk * ks_h, D, K_WD, NGD, FP8, BITS_K, G, -1 if FP8 else -2,
+                                 BN, BD, NATIVE_FP8)
             s = _dot(q, tl.trans(k), DOT_DTYPE) * qk_scale
             s = tl.where(tmask[None, :] & (t[None, :] <= limit[:, None]), s, float("-inf"))
-            v = _page_tile(vc, vs, vz, page * vc_p + hk * vc_h, page * vs_p + hk * vs_h, off, d, dmask, D, V_WD,
-                           NGD, FP8, BITS_V, G, -1, BN, BD, NATIVE_FP8)
+            v = _load_quant_tile(vc, vs, vz, 1, off, off + BN, d, dmask, page * vc_p + hk * vc_h,
+                                 page * vs_p + hk * vs_h, D, V_WD, NGD, FP8, BITS_V, G, -1, BN, BD, NATIVE_FP8)
             v = tl.where(tmask[:, None], v, 0.0)  # a stale token past the row's end never reaches acc
             m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, DOT_DTYPE)
     else:  # the residual ring: positions [nqt, L), position p in slot p % RC
@@ -164,8 +124,9 @@ def _paged_mass_kernel(q_ptr, kc, ks, kz, kr, bt_ptr, len_ptr, lse_ptr, mass_ptr
     col = tl.minimum(p0 // P, MPP - 1)
     page = tl.load(bt_ptr + b * bt_b + col, mask=p0 < nqt, other=0).to(tl.int64)
     off = p0 % P
-    kq = _page_tile(kc, ks, kz, page * kc_p + hk * kc_h, page * ks_p + hk * ks_h, off, d, dmask, D, K_WD, NGD,
-                    FP8, BITS_K, G, -1 if FP8 else -2, BN, BD, NATIVE_FP8)
+    kq = _load_quant_tile(kc, ks, kz, 1, off, off + BN, d, dmask, page * kc_p + hk * kc_h,
+                          page * ks_p + hk * ks_h, D, K_WD, NGD, FP8, BITS_K, G, -1 if FP8 else -2,
+                          BN, BD, NATIVE_FP8)
     rmask = (t >= nqt) & (t < L)
     slot = (t % RC).to(tl.int64)[:, None]
     krr = tl.load(kr + b * kr_b + hk * kr_h + slot * D + d[None, :], mask=rmask[:, None] & dmask[None, :],
