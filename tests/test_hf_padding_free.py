@@ -6,31 +6,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from tokops.kv.hf import TokopsQuantizedCache  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def _cache(fused=False, **kw):
-    kw = dict(dict(bits_k=8, bits_v=8, group_size=8, residual=4, backend="torch"), **kw)
-    return TokopsQuantizedCache(2, fused=fused, **kw)
-
-
-def _left_padded(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    ids = torch.zeros(len(lengths), n, dtype=torch.long)
-    mask = torch.zeros(len(lengths), n, dtype=torch.long)
-    for i, m in enumerate(lengths):
-        ids[i, n - m:] = torch.randint(3, 96, (m,), generator=g)
-        mask[i, n - m:] = 1
-    return ids, mask
+# the tiny random Llama, the test cache and the left-padded batches of the serving tests
+from test_hf_cache_serving import _cache, _left_padded, llama  # noqa: E402, F401
 
 
 @pytest.mark.parametrize("fused", [False, True])
