@@ -58,3 +58,25 @@ def cuda_backend_one_seed(emu, request, monkeypatch):
     seed)."""
     emu.emu_set_seed(SEEDS[zlib.crc32(request.node.name.encode()) % len(SEEDS)])
     return _route(emu, monkeypatch)
+
+
+def _public_api_takes_cuda_on_cpu(monkeypatch):
+    orig = reg.resolve_backend
+
+    def resolve(name, backend, device):
+        return "cuda" if backend == "cuda" and name in emu_build.CUDA_OPS else orig(name, backend, device)
+
+    monkeypatch.setattr(reg, "resolve_backend", resolve)
+
+
+@pytest.fixture
+def cuda_api(cuda_backend, monkeypatch):
+    """Also let the public API resolve backend="cuda" for CPU tensors (the emulated kernels)."""
+    _public_api_takes_cuda_on_cpu(monkeypatch)
+    return cuda_backend
+
+
+@pytest.fixture
+def cuda_api_one_seed(cuda_backend_one_seed, monkeypatch):
+    _public_api_takes_cuda_on_cpu(monkeypatch)
+    return cuda_backend_one_seed

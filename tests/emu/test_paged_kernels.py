@@ -9,32 +9,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import emu_build  # noqa: E402
 import test_kv_paged as TP  # noqa: E402
-from tokops import _registry as reg  # noqa: E402
 
 EMU = ("cuda", "cpu")
-
-
-def _public_api_takes_cuda_on_cpu(monkeypatch):
-    orig = reg.resolve_backend
-
-    def resolve(name, backend, device):
-        return "cuda" if backend == "cuda" and name in emu_build.CUDA_OPS else orig(name, backend, device)
-
-    monkeypatch.setattr(reg, "resolve_backend", resolve)
-
-
-@pytest.fixture
-def cuda_api(cuda_backend, monkeypatch):
-    _public_api_takes_cuda_on_cpu(monkeypatch)
-    return cuda_backend
-
-
-@pytest.fixture
-def cuda_api_one_seed(cuda_backend_one_seed, monkeypatch):
-    _public_api_takes_cuda_on_cpu(monkeypatch)
-    return cuda_backend_one_seed
 
 
 @pytest.mark.parametrize("cfg", TP.CONFIGS, ids=lambda c: "-".join(map(str, c)))
